@@ -1,0 +1,190 @@
+"""The config schema: every key with its default, the DeiT-III recipe, and validation.
+
+Configs under `configs/` start from `base()` (or `deit3_pretraining()`) and change what they need.
+`validate` checks every key's type and range and names the key in its error, before anything is
+compiled; keys that `base()` does not have are rejected.
+"""
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from masksub_jax import losses, masksub
+from masksub_jax.models import vit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCES = ("digits", "synthetic", "tfds")
+OPTIONAL = {"data.data_dir": str, "total_steps": int}  # keys whose default is None
+
+
+def base() -> ml_collections.ConfigDict:
+    """All keys with their defaults (the DeiT-III ViT-S/16 MaskSub recipe on ImageNet-1k)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # digits | synthetic | tfds
+    c.data.name = "imagenet2012"  # TFDS name (source=tfds)
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.image_size = 224
+    c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop
+    c.data.shuffle_buffer = 10_000
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+    c.data.num_classes = 10  # source=synthetic only; other sources read it from the data set
+    c.data.num_train_examples = 1024  # source=synthetic only
+    c.data.num_eval_examples = 256  # source=synthetic only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "S/16"  # NAME/PATCH with NAME in mu, Ti, S, B, L, H
+    c.model.drop_path = 0.0
+    c.model.dropout = 0.0
+    c.model.layerscale_init = 1e-4
+    c.model.remat = False
+
+    c.masksub = ml_collections.ConfigDict()
+    c.masksub.mode = "masking"  # none | masking | dropout | droppath
+    c.masksub.ratio = 0.5
+
+    c.loss = "bce"  # bce | ce
+    c.label_smoothing = 0.0
+    c.mixup = ml_collections.ConfigDict()
+    c.mixup.mixup_alpha = 0.8
+    c.mixup.cutmix_alpha = 1.0
+    c.mixup.switch_prob = 0.5
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "lamb"  # lamb | adamw
+    c.optim.lr = 4e-3  # absolute, for the global batch below (no implicit scaling)
+    c.optim.min_lr = 1e-5
+    c.optim.warmup_init_lr = 1e-6
+    c.optim.warmup_epochs = 5.0
+    c.optim.weight_decay = 0.03
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 1.0  # global norm; 0 = off. LAMB's official clip is 1.0.
+
+    c.batch_size = 2048  # global, over all devices and processes
+    c.eval_batch_size = 1024
+    c.total_epochs = 400.0
+    c.total_steps = config_dict.placeholder(int)  # overrides total_epochs when set
+
+    c.log_every_steps = 100
+    c.eval_every_steps = 6250  # 0 = only at the end
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    return c
+
+
+def deit3_pretraining(arg: str | None, *, variant: str, image_size: int, lr: float,
+                      schedules: dict[int, tuple[float, float]]) -> ml_collections.ConfigDict:
+    """The DeiT-III ImageNet-1k recipe with MaskSub 0.5 (method reference, section 3).
+
+    `arg` is the config file's argument ('epochs=800'); `schedules` maps the published epoch counts
+    to their (weight decay, drop-path).
+    """
+    epochs = parse_arg(arg, epochs=400)["epochs"]
+    if epochs not in schedules:
+        raise ValueError(f"epochs={epochs} has no published recipe; use one of {sorted(schedules)}.")
+    c = base()
+    c.model.variant = variant
+    c.data.image_size = image_size
+    c.optim.lr = lr
+    c.optim.weight_decay, c.model.drop_path = schedules[epochs]
+    c.total_epochs = float(epochs)
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """'epochs=800,foo=bar' -> dict over `defaults`, each value cast to its default's type."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+        out[key] = type(defaults[key])(value)
+    return out
+
+
+def flatten(c, prefix=""):
+    for key, value in c.items():
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_types(config):
+    schema = dict(flatten(base()))
+    for key, value in flatten(config):
+        if key not in schema:
+            siblings = sorted(k for k in schema if k.rpartition(".")[0] == key.rpartition(".")[0])
+            raise ValueError(f"Unknown config key {key!r}. Known keys here: {siblings}.")
+        expected = OPTIONAL.get(key, type(schema[key]))
+        if value is None and key in OPTIONAL:
+            continue
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if expected is tuple and isinstance(value, list):
+            ok = True
+        if not ok:
+            raise ValueError(f"Config key {key!r} must be {expected.__name__}, got {value!r}.")
+    missing = sorted(set(schema) - {k for k, _ in flatten(config)})
+    if missing:
+        raise ValueError(f"Config is missing keys {missing}; start configs from masksub_jax.config.base().")
+
+
+def _require(ok: bool, key: str, value, fix: str):
+    if not ok:
+        raise ValueError(f"Config {key}={value!r} is invalid: {fix}.")
+
+
+def validate(config, num_devices: int = 1) -> None:
+    """Checks every key's type and range; raises ValueError naming the key and the fix."""
+    _check_types(config)
+    _, _, _, patch = vit.parse_variant(config.model.variant)
+    c = config
+    _require(c.data.source in SOURCES, "data.source", c.data.source, f"use one of {SOURCES}")
+    _require(c.data.image_size > 0 and c.data.image_size % patch == 0, "data.image_size", c.data.image_size,
+             f"must be a positive multiple of the patch size {patch} of model.variant={c.model.variant!r}")
+    _require(0 < c.data.crop_ratio <= 1, "data.crop_ratio", c.data.crop_ratio, "must be in (0, 1]")
+    _require(c.data.shuffle_buffer >= 1, "data.shuffle_buffer", c.data.shuffle_buffer, "must be >= 1")
+    _require(len(c.data.mean) == len(c.data.std) and all(s > 0 for s in c.data.std), "data.std",
+             c.data.std, "give one positive std per channel, as many as data.mean")
+    for key in ("num_classes", "num_train_examples", "num_eval_examples"):
+        _require(c.data[key] >= 1, f"data.{key}", c.data[key], "must be >= 1")
+    _require(c.masksub.mode in masksub.MODES, "masksub.mode", c.masksub.mode, f"use one of {masksub.MODES}")
+    _require(0 <= c.masksub.ratio < 1, "masksub.ratio", c.masksub.ratio, "must be in [0, 1)")
+    if c.masksub.mode == "masking" and c.masksub.ratio > 0:
+        tokens = vit.num_patches(c.data.image_size, patch)
+        _require(masksub.num_kept(tokens, c.masksub.ratio) >= 1, "masksub.ratio", c.masksub.ratio,
+                 f"keeps no token of {tokens}; lower the ratio")
+    for key in ("drop_path", "dropout"):
+        _require(0 <= c.model[key] < 1, f"model.{key}", c.model[key], "must be in [0, 1)")
+    _require(c.loss in losses.LOSSES, "loss", c.loss, f"use one of {sorted(losses.LOSSES)}")
+    _require(0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing, "must be in [0, 1)")
+    _require(not (c.loss == "bce" and c.label_smoothing > 0), "label_smoothing", c.label_smoothing,
+             "BCE binarises its targets, which turns every smoothed class into 1; use 0 with loss='bce'")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _require(c.mixup[key] >= 0, f"mixup.{key}", c.mixup[key], "must be >= 0 (0 = off)")
+    _require(0 <= c.mixup.switch_prob <= 1, "mixup.switch_prob", c.mixup.switch_prob, "must be in [0, 1]")
+    _require(c.optim.name in ("lamb", "adamw"), "optim.name", c.optim.name, "use 'lamb' or 'adamw'")
+    for key in ("lr", "eps"):
+        _require(c.optim[key] > 0, f"optim.{key}", c.optim[key], "must be > 0")
+    for key in ("min_lr", "warmup_init_lr", "warmup_epochs", "weight_decay", "grad_clip_norm"):
+        _require(c.optim[key] >= 0, f"optim.{key}", c.optim[key], "must be >= 0")
+    for key in ("b1", "b2"):
+        _require(0 <= c.optim[key] < 1, f"optim.{key}", c.optim[key], "must be in [0, 1)")
+    for key in ("batch_size", "eval_batch_size"):
+        _require(c[key] >= 1 and c[key] % num_devices == 0, key, c[key],
+                 f"must be a positive multiple of the device count {num_devices}")
+    _require(c.total_epochs > 0 and math.isfinite(c.total_epochs), "total_epochs", c.total_epochs, "must be > 0")
+    _require(c.total_steps is None or c.total_steps >= 1, "total_steps", c.total_steps, "must be >= 1 or None")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _require(c[key] >= 1, key, c[key], "must be >= 1")
+    _require(c.eval_every_steps >= 0, "eval_every_steps", c.eval_every_steps, "must be >= 0 (0 = at the end)")

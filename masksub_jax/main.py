@@ -1,0 +1,30 @@
+"""Command line: `python -m masksub_jax.main --config=configs/digits.py --workdir=runs/digits`.
+
+`--config.KEY=VALUE` overrides any key of the config; unknown keys are rejected. Running the same
+command again resumes from the newest checkpoint in the workdir.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only our input pipeline
+
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from masksub_jax import train  # pylint: disable=wrong-import-position
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b.py[:epochs=800].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the summary go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # progress is printed; library INFO logs only on request
+        logging.set_verbosity(logging.WARNING)
+    train.run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Models. Each module says how MaskSub corrupts its input."""

@@ -1,0 +1,147 @@
+"""DeiT-III Vision Transformer (Touvron et al., 2022) in Flax Linen.
+
+Matches timm's `deit3_*` models: pre-LN blocks with LayerScale, LayerNorm eps 1e-6, qkv bias, exact
+GELU, drop-path constant over depth, a position embedding without a cls slot, and the head on the
+final-LN cls token.
+
+How MaskSub corrupts the input of this model (the sub-branch forward):
+  masking:   `keep_idx` (batch, len_keep) patch indices; the other patch tokens are dropped after the
+             position embedding, the cls token is always kept.
+  dropout:   `dropout_rate` replaces the dropout of the attention projection and both MLP layers.
+  droppath:  `drop_path_rate` replaces the drop-path rate of every block.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# name -> (width, depth, heads). Patch size comes after the slash: "B/16".
+VARIANTS = {
+    "mu": (64, 4, 4),  # the embedded digits default; not a published model
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+_dense_init = nn.initializers.truncated_normal(0.02)
+# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)), which DeiT-III keeps for the patch
+# embedding: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def parse_variant(variant: str) -> tuple[int, int, int, int]:
+    """'B/16' -> (width, depth, heads, patch). Raises ValueError naming the known variants."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or not patch.isdigit() or int(patch) < 1:
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: use NAME/PATCH with NAME one of "
+            f"{sorted(VARIANTS)} and PATCH a positive integer, e.g. 'B/16' or 'H/14'.")
+    return (*VARIANTS[name], int(patch))
+
+
+def num_patches(image_size: int, patch_size: int) -> int:
+    return (image_size // patch_size) ** 2
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example, rescales the kept ones."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("droppath"), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep_prob, 0.0).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    num_heads: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        qkv = nn.Dense(3 * width, kernel_init=_dense_init, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 3, axis=2)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        out = nn.Dense(width, kernel_init=_dense_init, name="proj")(out.reshape(batch, tokens, width))
+        return nn.Dropout(self.dropout)(out, deterministic)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden, kernel_init=_dense_init, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        x = nn.Dropout(self.dropout)(x, deterministic)
+        x = nn.Dense(width, kernel_init=_dense_init, name="fc2")(x)
+        return nn.Dropout(self.dropout)(x, deterministic)
+
+
+class Block(nn.Module):
+    """x + drop_path(gamma_1 * attn(norm1(x))), then the same with the MLP."""
+    num_heads: int
+    mlp_dim: int
+    dropout: float
+    drop_path: float
+    layerscale_init: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        width = x.shape[-1]
+        scale_init = nn.initializers.constant(self.layerscale_init)
+        y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
+        y = Attention(self.num_heads, self.dropout, name="attn")(y, deterministic)
+        y = self.param("gamma_1", scale_init, (width,)) * y
+        x = x + DropPath(self.drop_path)(y, deterministic)
+        y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
+        y = Mlp(self.mlp_dim, self.dropout, name="mlp")(y, deterministic)
+        y = self.param("gamma_2", scale_init, (width,)) * y
+        return x + DropPath(self.drop_path)(y, deterministic)
+
+
+class ViT(nn.Module):
+    """DeiT-III ViT on normalised images (batch, H, W, C); returns logits (batch, num_classes)."""
+    num_classes: int
+    variant: str = "S/16"
+    drop_path: float = 0.0
+    dropout: float = 0.0
+    layerscale_init: float = 1e-4
+    mlp_ratio: int = 4
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False, keep_idx: Optional[jax.Array] = None,
+                 dropout_rate: Optional[float] = None, drop_path_rate: Optional[float] = None):
+        width, depth, heads, patch = parse_variant(self.variant)
+        if images.shape[1] % patch or images.shape[2] % patch:
+            raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch} "
+                             f"of ViT-{self.variant}; pick an image size that is a multiple of {patch}.")
+        x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
+                    kernel_init=_conv_init, name="patch_embed")(images)
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, width)
+        x = x + self.param("pos_embed", _dense_init, (1, x.shape[1], width))
+        if keep_idx is not None:  # MaskSub token dropping: each example keeps its own subset.
+            x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
+        cls = self.param("cls_token", _dense_init, (1, 1, width))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), x], axis=1)
+
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        dropout = self.dropout if dropout_rate is None else dropout_rate
+        drop_path = self.drop_path if drop_path_rate is None else drop_path_rate
+        for i in range(depth):
+            x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init,
+                      name=f"blocks_{i}")(x, not train)
+        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, name="head")(x[:, 0])

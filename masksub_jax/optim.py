@@ -1,0 +1,40 @@
+"""Optimizers and the learning-rate schedule of the DeiT-III recipes, as optax chains.
+
+LAMB here is the official one (apex FusedLAMB / timm Lamb), not `optax.lamb`: the global gradient
+norm is clipped first, and the trust ratio ||w|| / ||update|| applies only to parameters that get
+weight decay. No weight decay (hence no trust ratio) on 1-D parameters, pos_embed and cls_token.
+"""
+import jax
+import optax
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def decay_mask(params):
+    """True for the parameters that get weight decay (and, with LAMB, the trust ratio)."""
+    def wants_decay(path, leaf):
+        name = getattr(path[-1], "key", str(path[-1]))
+        return leaf.ndim > 1 and name not in NO_DECAY_NAMES
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def lr_schedule(*, lr: float, min_lr: float, warmup_init_lr: float, warmup_steps: int,
+                total_steps: int) -> optax.Schedule:
+    """Linear warmup from `warmup_init_lr` to `lr`, then cosine to `min_lr` at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=warmup_init_lr, peak_value=lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
+
+
+def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float,
+         eps: float, grad_clip_norm: float) -> optax.GradientTransformation:
+    """'lamb' or 'adamw' with decoupled, masked weight decay and optional global-norm clipping."""
+    if name not in ("lamb", "adamw"):
+        raise ValueError(f"Unknown optimizer {name!r}; use 'lamb' or 'adamw'.")
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+    parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+              optax.add_decayed_weights(weight_decay, mask=decay_mask)]
+    if name == "lamb":
+        parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts)

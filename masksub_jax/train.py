@@ -1,0 +1,217 @@
+"""The trainer, as one story: config, mesh, data, model and optimizer, checkpoint restore, step,
+loop, evaluation. `run(config, workdir)` is what `main.py` calls and what a notebook can call; it
+returns the final metrics and resumes from the newest checkpoint in `workdir` by itself.
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from masksub_jax import checkpoint, losses, masksub, metrics, mixing, optim
+from masksub_jax import config as config_lib
+from masksub_jax.data import pipeline
+from masksub_jax.models import vit
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) and evaluates; returns the final metrics (also WORKDIR/summary.json)."""
+    start_time = time.time()
+    # ----------------------------------------------------------------------------------------------
+    # Config: checked whole before anything is loaded or compiled.
+    config_lib.validate(config, num_devices=jax.device_count())
+    is_chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    _check_same_run(config, workdir)
+    summary_path = os.path.join(workdir, "summary.json")
+
+    # ----------------------------------------------------------------------------------------------
+    # Device mesh: every device on the `data` axis; the batch is split over it, the state replicated.
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    # ----------------------------------------------------------------------------------------------
+    # Data.
+    data = pipeline.make(config, jax.process_index(), jax.process_count())
+    total_steps = config.total_steps
+    if total_steps is None:
+        if data.num_train_examples is None:
+            raise ValueError(f"The size of split {config.data.train_split!r} is unknown; set config.total_steps.")
+        steps_per_epoch = data.num_train_examples // config.batch_size
+        total_steps = max(1, round(config.total_epochs * steps_per_epoch))
+    else:
+        steps_per_epoch = (data.num_train_examples or config.batch_size) // config.batch_size
+    warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
+
+    def to_global(batch):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    # Model and optimizer; the state is created directly with its sharding.
+    model = vit.ViT(num_classes=data.num_classes, variant=config.model.variant,
+                    drop_path=config.model.drop_path, dropout=config.model.dropout,
+                    layerscale_init=config.model.layerscale_init, remat=config.model.remat)
+    schedule = optim.lr_schedule(lr=config.optim.lr, min_lr=config.optim.min_lr,
+                                 warmup_init_lr=config.optim.warmup_init_lr,
+                                 warmup_steps=warmup_steps, total_steps=total_steps)
+    tx = optim.make(config.optim.name, schedule, weight_decay=config.optim.weight_decay,
+                    b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+                    grad_clip_norm=config.optim.grad_clip_norm)
+
+    def init(rng):
+        params = model.init(rng, jnp.zeros((1,) + tuple(data.image_shape), jnp.float32))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(init, rng)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoint restore, else a fresh state.
+    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_sharding)
+    state = checkpoint.restore_latest(mngr, abstract_sharded)
+    if state is None:
+        state = jax.jit(init, out_shardings=state_sharding)(rng)
+        start_step = 0
+    else:
+        start_step = int(jax.device_get(state["step"]))
+        if start_step >= total_steps and os.path.exists(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                summary = json.load(f)
+            _say(is_chief, f"Run in {workdir} already finished at step {start_step}: "
+                           f"top1 {summary['top1']:.4f}. Nothing to do.")
+            return summary
+        _say(is_chief, f"Resuming from the checkpoint of step {start_step} in {workdir}.")
+
+    # ----------------------------------------------------------------------------------------------
+    # The step.
+    num_tokens = vit.num_patches(config.data.image_size, vit.parse_variant(config.model.variant)[3])
+    loss = losses.LOSSES[config.loss]
+    mean = jnp.asarray(config.data.mean, jnp.float32) * 255
+    std = jnp.asarray(config.data.std, jnp.float32) * 255
+
+    def normalise(images):
+        return (images.astype(jnp.float32) - mean) / std
+
+    def forward(params, images, rng, **corruption):
+        rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
+        return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption)
+
+    def train_step(state, batch, rng):
+        rng_mix, rng_loss = jax.random.split(rng)
+        images, targets = mixing.mix(rng_mix, normalise(batch["image"]), batch["label"],
+                                     num_classes=data.num_classes, label_smoothing=config.label_smoothing,
+                                     **config.mixup.to_dict())
+        grad_fn = jax.value_and_grad(masksub.loss_fn, has_aux=True)
+        (total, aux), grads = grad_fn(state["params"], forward, images, targets, rng_loss, loss=loss,
+                                      mode=config.masksub.mode, ratio=config.masksub.ratio,
+                                      num_tokens=num_tokens)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state, "rng": state["rng"]}
+        accuracy = jnp.mean(jnp.argmax(aux["logits_main"], -1) == batch["label"])
+        return new_state, {"loss": total, "loss_main": aux["loss_main"], "loss_sub": aux["loss_sub"],
+                           "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+                           "lr": schedule(state["step"])}
+
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+    @functools.partial(jax.jit, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, normalise(batch["image"]), train=False)
+        top5 = jax.lax.top_k(logits, min(5, data.num_classes))[1]
+        hits = top5 == batch["label"][:, None]
+        return {"correct1": jnp.sum(hits[:, 0] * batch["mask"]),
+                "correct5": jnp.sum(jnp.any(hits, -1) * batch["mask"]), "count": jnp.sum(batch["mask"])}
+
+    def evaluate(params):
+        sums = [eval_step(params, to_global(batch)) for batch in data.eval_batches()]
+        sums = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+        return {"top1": sums["correct1"] / sums["count"], "top5": sums["correct5"] / sums["count"],
+                "eval_examples": int(sums["count"])}
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop.
+    writer = metrics.make_writer(workdir, is_chief)
+    if start_step == 0:
+        writer.write_hparams(dict(config_lib.flatten(config)))
+    progress = metrics.Progress(total_steps, config.batch_size, start_step)
+    _say(is_chief, f"Training ViT-{config.model.variant} ({_count(state['params']) / 1e6:.2f}M params) "
+                   f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
+                   f"{total_steps} steps of {config.batch_size} on {jax.device_count()} device(s).")
+    pending = []
+    step = start_step
+    batches = data.train_batches(start_step)
+    while step < total_steps:
+        state, step_metrics = train_step(state, to_global(next(batches)), jax.random.fold_in(state["rng"], step))
+        step += 1
+        pending.append(step_metrics)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            scalars = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
+            pending = []
+            steps_per_s = progress.rate(step)
+            scalars["examples_per_s"] = steps_per_s * config.batch_size
+            writer.write_scalars(step, scalars)
+            _say(is_chief, progress.line(step, scalars, steps_per_s))
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+            result = evaluate(state["params"])
+            writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+            _say(is_chief, f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            checkpoint.save(mngr, state)
+
+    # ----------------------------------------------------------------------------------------------
+    # Final evaluation.
+    result = evaluate(state["params"])
+    writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+    writer.flush()
+    mngr.wait_until_finished()
+    summary = {"step": step, **result, "wall_s": time.time() - start_time}
+    if is_chief:
+        with open(summary_path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+    _say(is_chief, f"Finished at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
+                   f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
+                   f"Summary: {summary_path}")
+    return summary
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def _say(is_chief: bool, line: str) -> None:
+    if is_chief:
+        print(line, flush=True)
+
+
+# What cannot change between a run and its resumption without breaking the checkpoint or the run.
+_RUN_DEFINING = ("seed", "model.variant", "data.source", "data.name", "data.image_size", "batch_size")
+
+
+def _check_same_run(config, workdir: str) -> None:
+    """Writes WORKDIR/config.json; refuses to resume a workdir trained with a different model or data."""
+    path = os.path.join(workdir, "config.json")
+    flat = dict(config_lib.flatten(config))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != flat[k]]
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a run with a different {', '.join(changed)} "
+                f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}; now "
+                f"{', '.join(f'{k}={flat[k]!r}' for k in changed)}). Use a new --workdir, or the old values.")
+    if jax.process_index() == 0:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(flat, f, indent=1, default=list)
