@@ -45,10 +45,11 @@ def load_params(workdir: str, step: int | None = None) -> dict:
     elif step not in steps:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
                                 f"it has steps {sorted(steps)}.")
-    metadata = mngr.item_metadata(step)
-    to_numpy = lambda meta: ocp.RestoreArgs(restore_type=np.ndarray)  # pylint: disable=unnecessary-lambda-assignment
-    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
-        item={"params": metadata["params"]},
-        restore_args={"params": jax.tree.map(to_numpy, metadata["params"])},
-        partial_restore=True))
+    # The manager saved one unnamed item, which Orbax stores in the step's "default" folder.
+    path = os.path.join(checkpoint_dir(workdir), str(step), "default")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
     return restored["params"]

@@ -120,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "opt_state": opt_state, "rng": state["rng"]}
         accuracy = jnp.mean(jnp.argmax(aux["logits_main"], -1) == batch["label"])
         return new_state, {"loss": total, "loss_main": aux["loss_main"], "loss_sub": aux["loss_sub"],
-                           "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+                           "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                            "lr": schedule(state["step"])}
 
     train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
@@ -171,11 +171,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoint.save(mngr, state)
 
     # ----------------------------------------------------------------------------------------------
-    # Final evaluation.
+    # Final evaluation, once the last checkpoint is safely written.
+    mngr.wait_until_finished()
     result = evaluate(state["params"])
     writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
     writer.flush()
-    mngr.wait_until_finished()
     summary = {"step": step, **result, "wall_s": time.time() - start_time}
     if is_chief:
         with open(summary_path, "w", encoding="utf-8") as f:

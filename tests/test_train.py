@@ -1,0 +1,125 @@
+"""The trainer end to end on digits: learning, checkpoints, exact resume, finishing, and outputs."""
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from masksub_jax import checkpoint, train
+from tests.conftest import tiny_digits_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_dir, tmp_path_factory):
+    """60 MaskSub (ratio 0.5) steps on digits with checkpoints every 20 steps."""
+    workdir = str(tmp_path_factory.mktemp("run") / "w")
+    config = tiny_digits_config(digits_dir)
+    return config, workdir, train.run(config, workdir)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if '"step"' in line]
+
+
+def test_masksub_run_learns_and_writes_its_outputs(finished_run):
+    config, workdir, summary = finished_run
+    logged = [m for m in _metrics(workdir) if "loss" in m]
+    assert [m["step"] for m in logged] == [20, 40, 60]
+    assert logged[-1]["loss_main"] < 0.95 * logged[0]["loss_main"]
+    # The sub loss is a cross-entropy against a teacher that sharpens as it learns: not monotone.
+    assert all(np.isfinite(m["loss_sub"]) for m in logged)
+    assert all(m["examples_per_s"] > 0 for m in logged)
+    assert summary["step"] == 60 and summary["eval_examples"] == 300
+    assert summary["top1"] > 0.2  # 10 classes: chance is 0.1
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        assert {"step", "top1", "wall_s"} <= set(json.load(f))
+    assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 40, 60]
+    assert config.keep_checkpoints == 3
+
+
+def test_finished_run_says_so_and_does_nothing(finished_run, capsys):
+    config, workdir, summary = finished_run
+    again = train.run(config, workdir)
+    assert again == summary
+    assert "already finished at step 60" in capsys.readouterr().out
+
+
+def test_resumed_run_equals_uninterrupted_run(finished_run, tmp_path):
+    """Resuming from the step-20 checkpoint reproduces the uninterrupted run's parameters exactly."""
+    config, workdir, _ = finished_run
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(os.path.join(workdir, "checkpoints", "20"), os.path.join(resumed, "checkpoints", "20"))
+    summary = train.run(config, resumed)
+    assert summary["step"] == 60
+    assert [m["step"] for m in _metrics(resumed) if "loss" in m] == [40, 60]
+    want, got = checkpoint.load_params(workdir), checkpoint.load_params(resumed)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_longer_run_continues_from_the_last_checkpoint(finished_run, tmp_path, capsys):
+    config, workdir, _ = finished_run
+    longer = str(tmp_path / "longer")
+    shutil.copytree(workdir, longer)
+    config = tiny_digits_config(config.data.data_dir, total_steps=80)
+    assert train.run(config, longer)["step"] == 80
+    assert "Resuming from the checkpoint of step 60" in capsys.readouterr().out
+
+
+def test_load_params_gives_numpy_arrays_of_the_model(finished_run):
+    _, workdir, _ = finished_run
+    params = checkpoint.load_params(workdir)
+    assert isinstance(params["head"]["kernel"], np.ndarray)
+    assert params["head"]["kernel"].shape == (64, 10)
+    assert params["pos_embed"].shape == (1, 16, 64)
+    older = checkpoint.load_params(workdir, step=20)
+    assert not np.array_equal(older["head"]["kernel"], params["head"]["kernel"])
+    with pytest.raises(FileNotFoundError, match="it has steps \\[20, 40, 60\\]"):
+        checkpoint.load_params(workdir, step=15)
+
+
+def test_workdir_of_another_model_is_refused(finished_run, tmp_path):
+    config, workdir, _ = finished_run
+    other = str(tmp_path / "other")
+    shutil.copytree(workdir, other)
+    config = tiny_digits_config(config.data.data_dir, **{"model.variant": "mu/4"})
+    with pytest.raises(ValueError, match="different model.variant"):
+        train.run(config, other)
+
+
+@pytest.mark.parametrize("mode", ["none", "dropout", "droppath"])
+def test_other_modes_train(digits_dir, tmp_path, mode):
+    config = tiny_digits_config(digits_dir, total_steps=4, log_every_steps=2, checkpoint_every_steps=4,
+                                **{"masksub.mode": mode})
+    summary = train.run(config, str(tmp_path))
+    logged = [m for m in _metrics(str(tmp_path)) if "loss" in m]
+    assert summary["step"] == 4 and len(logged) == 2
+    assert np.isnan(logged[0]["loss_sub"]) == (mode == "none")
+
+
+def test_lamb_bce_mixup_recipe_on_synthetic_data(tmp_path):
+    """The DeiT-III recipe's code path (LAMB, BCE, mixup + cutmix) on a synthetic 3-channel set."""
+    config = tiny_digits_config("/unused", total_steps=6, log_every_steps=3, checkpoint_every_steps=6, loss="bce",
+                                label_smoothing=0.0, **{"data.source": "synthetic", "data.image_size": 16,
+                                                        "data.mean": (0.5,) * 3, "data.std": (0.5,) * 3,
+                                                        "model.variant": "mu/4", "optim.name": "lamb",
+                                                        "mixup.mixup_alpha": 0.8, "mixup.cutmix_alpha": 1.0})
+    summary = train.run(config, str(tmp_path))
+    assert summary["step"] == 6 and summary["eval_examples"] == 256
+
+
+def test_trainer_on_mock_imagenet(tmp_path):
+    config = tiny_digits_config(str(tmp_path / "tfds"), total_steps=2, log_every_steps=1, checkpoint_every_steps=2,
+                                batch_size=8, eval_batch_size=8,
+                                **{"data.source": "tfds", "data.image_size": 32, "data.mean": (0.5,) * 3,
+                                   "data.std": (0.5,) * 3, "model.variant": "mu/8"})
+    with tfds.testing.mock_data(num_examples=10):
+        summary = train.run(config, str(tmp_path / "w"))
+    assert summary["step"] == 2 and summary["eval_examples"] == 10
