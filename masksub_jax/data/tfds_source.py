@@ -64,6 +64,7 @@ class TfdsSource:
         self.num_train_examples = split.num_examples if split else None
         split = self.builder.info.splits.get(d.eval_split)
         self.num_eval_examples = split.num_examples if split else None
+        self._dataset(d.train_split, shuffle_seed=None)  # a missing data set fails here, before compiling
 
     def _dataset(self, split: str, shuffle_seed: int | None):
         shard = tfds.even_splits(split, n=self.process_count, drop_remainder=False)[self.process_index]
