@@ -15,6 +15,7 @@ from masksub_jax.models import vit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("digits", "synthetic", "tfds")
+DTYPES = ("float32", "bfloat16")
 OPTIONAL = {"data.data_dir": str, "total_steps": int}  # keys whose default is None
 
 
@@ -43,11 +44,13 @@ def base() -> ml_collections.ConfigDict:
     c.model.drop_path = 0.0
     c.model.dropout = 0.0
     c.model.layerscale_init = 1e-4
-    c.model.remat = False
+    c.model.remat = False  # recompute each block's activations in the backward pass
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
     c.masksub = ml_collections.ConfigDict()
     c.masksub.mode = "masking"  # none | masking | dropout | droppath
     c.masksub.ratio = 0.5
+    c.masksub.memory_lean = False  # main backward before sub forward: baseline-like peak memory
 
     c.loss = "bce"  # bce | ce
     c.label_smoothing = 0.0
@@ -164,6 +167,7 @@ def validate(config, num_devices: int = 1) -> None:
         tokens = vit.num_patches(c.data.image_size, patch)
         _require(masksub.num_kept(tokens, c.masksub.ratio) >= 1, "masksub.ratio", c.masksub.ratio,
                  f"keeps no token of {tokens}; lower the ratio")
+    _require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"use one of {DTYPES}")
     for key in ("drop_path", "dropout"):
         _require(0 <= c.model[key] < 1, f"model.{key}", c.model[key], "must be in [0, 1)")
     _require(c.loss in losses.LOSSES, "loss", c.loss, f"use one of {sorted(losses.LOSSES)}")

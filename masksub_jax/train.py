@@ -2,22 +2,19 @@
 loop, evaluation. `run(config, workdir)` is what `main.py` calls and what a notebook can call; it
 returns the final metrics and resumes from the newest checkpoint in `workdir` by itself.
 """
-import functools
 import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from masksub_jax import checkpoint, losses, masksub, metrics, mixing, optim
+from masksub_jax import checkpoint, metrics
 from masksub_jax import config as config_lib
+from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
-from masksub_jax.models import vit
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -48,27 +45,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         total_steps = max(1, round(config.total_epochs * steps_per_epoch))
     else:
         steps_per_epoch = (data.num_train_examples or config.batch_size) // config.batch_size
-    warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
 
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
     # ----------------------------------------------------------------------------------------------
     # Model and optimizer; the state is created directly with its sharding.
-    model = vit.ViT(num_classes=data.num_classes, variant=config.model.variant,
-                    drop_path=config.model.drop_path, dropout=config.model.dropout,
-                    layerscale_init=config.model.layerscale_init, remat=config.model.remat)
-    schedule = optim.lr_schedule(lr=config.optim.lr, min_lr=config.optim.min_lr,
-                                 warmup_init_lr=config.optim.warmup_init_lr,
-                                 warmup_steps=warmup_steps, total_steps=total_steps)
-    tx = optim.make(config.optim.name, schedule, weight_decay=config.optim.weight_decay,
-                    b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-                    grad_clip_norm=config.optim.grad_clip_norm)
-
-    def init(rng):
-        params = model.init(rng, jnp.zeros((1,) + tuple(data.image_shape), jnp.float32))["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
-
+    model = step_lib.make_model(config, data.num_classes)
+    tx, schedule = step_lib.make_optimizer(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    init = step_lib.make_init(model, tx, data.image_shape)
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init, rng)
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -93,47 +78,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _say(is_chief, f"Resuming from the checkpoint of step {start_step} in {workdir}.")
 
     # ----------------------------------------------------------------------------------------------
-    # The step.
-    num_tokens = vit.num_patches(config.data.image_size, vit.parse_variant(config.model.variant)[3])
-    loss = losses.LOSSES[config.loss]
-    mean = jnp.asarray(config.data.mean, jnp.float32) * 255
-    std = jnp.asarray(config.data.std, jnp.float32) * 255
-
-    def normalise(images):
-        return (images.astype(jnp.float32) - mean) / std
-
-    def forward(params, images, rng, **corruption):
-        rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
-        return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption)
-
-    def train_step(state, batch, rng):
-        rng_mix, rng_loss = jax.random.split(rng)
-        images, targets = mixing.mix(rng_mix, normalise(batch["image"]), batch["label"],
-                                     num_classes=data.num_classes, label_smoothing=config.label_smoothing,
-                                     **config.mixup.to_dict())
-        grad_fn = jax.value_and_grad(masksub.loss_fn, has_aux=True)
-        (total, aux), grads = grad_fn(state["params"], forward, images, targets, rng_loss, loss=loss,
-                                      mode=config.masksub.mode, ratio=config.masksub.ratio,
-                                      num_tokens=num_tokens)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                     "opt_state": opt_state, "rng": state["rng"]}
-        # Against the dominant class of the mixed target: what the main branch is asked to predict.
-        accuracy = jnp.mean(jnp.argmax(aux["logits_main"], -1) == jnp.argmax(targets, -1))
-        return new_state, {"loss": total, "loss_main": aux["loss_main"], "loss_sub": aux["loss_sub"],
-                           "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-                           "lr": schedule(state["step"])}
-
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+    # The steps.
+    train_step = jax.jit(step_lib.make_train_step(config, model, tx, schedule, data.num_classes),
+                         in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-    @functools.partial(jax.jit, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, normalise(batch["image"]), train=False)
-        top5 = jax.lax.top_k(logits, min(5, data.num_classes))[1]
-        hits = top5 == batch["label"][:, None]
-        return {"correct1": jnp.sum(hits[:, 0] * batch["mask"]),
-                "correct5": jnp.sum(jnp.any(hits, -1) * batch["mask"]), "count": jnp.sum(batch["mask"])}
+    eval_step = jax.jit(step_lib.make_eval_step(config, model, data.num_classes),
+                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
     def evaluate(params):
         sums = [eval_step(params, to_global(batch)) for batch in data.eval_batches()]

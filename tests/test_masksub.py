@@ -94,3 +94,17 @@ def test_plain_recipe_has_no_sub_branch(mode, ratio):
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown MaskSub mode 'mask'"):
         masksub.corruption("mask", 0.5, jax.random.PRNGKey(0), 2, 4)
+
+
+@pytest.mark.parametrize("mode", ["masking", "dropout"])
+def test_memory_lean_order_gives_the_fused_gradient(mode):
+    forward, params, images, targets = _setup()
+    kwargs = dict(loss=losses.LOSSES["bce"], mode=mode, ratio=0.5, num_tokens=16)
+    rng = jax.random.PRNGKey(3)
+    (total, aux), fused = masksub.grads(params, forward, images, targets, rng, **kwargs)
+    (total_lean, aux_lean), lean = jax.jit(
+        lambda p: masksub.grads(p, forward, images, targets, rng, memory_lean=True, **kwargs))(params)
+    np.testing.assert_allclose(total_lean, total, rtol=1e-6)
+    np.testing.assert_allclose(aux_lean["loss_sub"], aux["loss_sub"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(lean), jax.tree.leaves(fused)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

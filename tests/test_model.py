@@ -119,3 +119,15 @@ def test_dropsub_and_pathsub_overrides_change_the_training_forward(override):
     sub = model.apply(params, images, train=True, rngs=rngs, **{override: 0.5})
     assert not np.allclose(sub, main, atol=1e-3)
     np.testing.assert_allclose(model.apply(params, images, train=False, **{override: 0.5}), main, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32():
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+    f32 = vit.ViT(num_classes=5, variant="mu/4", layerscale_init=0.5)
+    bf16 = vit.ViT(num_classes=5, variant="mu/4", layerscale_init=0.5, dtype=jnp.bfloat16)
+    params = f32.init(jax.random.PRNGKey(0), images)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.init(jax.random.PRNGKey(0), images)))
+    want, got = f32.apply(params, images), bf16.apply(params, images)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)
+    assert not np.array_equal(got, want)  # really computed in bfloat16

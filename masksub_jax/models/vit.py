@@ -10,7 +10,7 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
   dropout:   `dropout_rate` replaces the dropout of the attention projection and both MLP layers.
   droppath:  `drop_path_rate` replaces the drop-path rate of every block.
 """
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -62,29 +62,31 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     num_heads: int
     dropout: float
+    dtype: Any
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
-        qkv = nn.Dense(3 * width, kernel_init=_dense_init, name="qkv")(x)
+        qkv = nn.Dense(3 * width, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 3, axis=2)
         out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-        out = nn.Dense(width, kernel_init=_dense_init, name="proj")(out.reshape(batch, tokens, width))
+        out = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, width))
         return nn.Dropout(self.dropout)(out, deterministic)
 
 
 class Mlp(nn.Module):
     hidden: int
     dropout: float
+    dtype: Any
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         width = x.shape[-1]
-        x = nn.Dense(self.hidden, kernel_init=_dense_init, name="fc1")(x)
+        x = nn.Dense(self.hidden, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
         x = nn.Dropout(self.dropout)(x, deterministic)
-        x = nn.Dense(width, kernel_init=_dense_init, name="fc2")(x)
+        x = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
         return nn.Dropout(self.dropout)(x, deterministic)
 
 
@@ -95,23 +97,27 @@ class Block(nn.Module):
     dropout: float
     drop_path: float
     layerscale_init: float
+    dtype: Any
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         width = x.shape[-1]
         scale_init = nn.initializers.constant(self.layerscale_init)
-        y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
-        y = Attention(self.num_heads, self.dropout, name="attn")(y, deterministic)
-        y = self.param("gamma_1", scale_init, (width,)) * y
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+        y = Attention(self.num_heads, self.dropout, self.dtype, name="attn")(y, deterministic)
+        y = self.param("gamma_1", scale_init, (width,)).astype(self.dtype) * y
         x = x + DropPath(self.drop_path)(y, deterministic)
-        y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
-        y = Mlp(self.mlp_dim, self.dropout, name="mlp")(y, deterministic)
-        y = self.param("gamma_2", scale_init, (width,)) * y
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+        y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, deterministic)
+        y = self.param("gamma_2", scale_init, (width,)).astype(self.dtype) * y
         return x + DropPath(self.drop_path)(y, deterministic)
 
 
 class ViT(nn.Module):
-    """DeiT-III ViT on normalised images (batch, H, W, C); returns logits (batch, num_classes)."""
+    """DeiT-III ViT on normalised images (batch, H, W, C); returns float32 logits (batch, num_classes).
+
+    `dtype` is the compute dtype (bfloat16 for mixed precision); parameters stay float32.
+    """
     num_classes: int
     variant: str = "S/16"
     drop_path: float = 0.0
@@ -119,6 +125,7 @@ class ViT(nn.Module):
     layerscale_init: float = 1e-4
     mlp_ratio: int = 4
     remat: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, keep_idx: Optional[jax.Array] = None,
@@ -128,20 +135,21 @@ class ViT(nn.Module):
             raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch} "
                              f"of ViT-{self.variant}; pick an image size that is a multiple of {patch}.")
         x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
-                    kernel_init=_conv_init, name="patch_embed")(images)
+                    kernel_init=_conv_init, dtype=self.dtype, name="patch_embed")(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, width)
-        x = x + self.param("pos_embed", _dense_init, (1, x.shape[1], width))
+        x = x + self.param("pos_embed", _dense_init, (1, x.shape[1], width)).astype(self.dtype)
         if keep_idx is not None:  # MaskSub token dropping: each example keeps its own subset.
             x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
         cls = self.param("cls_token", _dense_init, (1, 1, width))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), x], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
 
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         dropout = self.dropout if dropout_rate is None else dropout_rate
         drop_path = self.drop_path if drop_path_rate is None else drop_path_rate
         for i in range(depth):
-            x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init,
+            x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init, self.dtype,
                       name=f"blocks_{i}")(x, not train)
-        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
-        return nn.Dense(self.num_classes, kernel_init=_dense_init, name="head")(x[:, 0])
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
+        return logits.astype(jnp.float32)

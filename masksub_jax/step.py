@@ -1,0 +1,83 @@
+"""The model, optimizer, state and steps that a config describes, shared by the trainer and the
+benchmarks so that both run exactly the same computation.
+
+train_step(state, batch, rng) -> (state, metrics) and eval_step(params, batch) -> sums are pure
+functions for `jax.jit`. Batches carry uint8 images; normalisation happens here, on the device.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from masksub_jax import losses, masksub, mixing, optim
+from masksub_jax.models import vit
+
+
+def make_model(config, num_classes: int) -> vit.ViT:
+    m = config.model
+    return vit.ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
+                   layerscale_init=m.layerscale_init, remat=m.remat, dtype=jnp.dtype(m.dtype))
+
+
+def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
+    """(optax transformation, learning-rate schedule)."""
+    o = config.optim
+    schedule = optim.lr_schedule(lr=o.lr, min_lr=o.min_lr, warmup_init_lr=o.warmup_init_lr,
+                                 warmup_steps=round(o.warmup_epochs * steps_per_epoch), total_steps=total_steps)
+    tx = optim.make(o.name, schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                    grad_clip_norm=o.grad_clip_norm)
+    return tx, schedule
+
+
+def make_init(model, tx, image_shape):
+    """rng -> the train state: step, params, opt_state and the run's base rng."""
+    def init(rng):
+        params = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+    return init
+
+
+def _normaliser(config):
+    mean = jnp.asarray(config.data.mean, jnp.float32) * 255
+    std = jnp.asarray(config.data.std, jnp.float32) * 255
+    return lambda images: (images.astype(jnp.float32) - mean) / std
+
+
+def make_train_step(config, model, tx, schedule, num_classes: int):
+    """Mixup once, then the MaskSub loss's gradient, then one optimizer update."""
+    normalise = _normaliser(config)
+    loss = losses.LOSSES[config.loss]
+    num_tokens = vit.num_patches(config.data.image_size, vit.parse_variant(config.model.variant)[3])
+
+    def forward(params, images, rng, **corruption):
+        rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
+        return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption)
+
+    def train_step(state, batch, rng):
+        rng_mix, rng_loss = jax.random.split(rng)
+        images, targets = mixing.mix(rng_mix, normalise(batch["image"]), batch["label"], num_classes=num_classes,
+                                     label_smoothing=config.label_smoothing, **config.mixup.to_dict())
+        (total, aux), grads = masksub.grads(state["params"], forward, images, targets, rng_loss, loss=loss,
+                                            mode=config.masksub.mode, ratio=config.masksub.ratio,
+                                            num_tokens=num_tokens, memory_lean=config.masksub.memory_lean)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state, "rng": state["rng"]}
+        # Against the dominant class of the mixed target: what the main branch is asked to predict.
+        accuracy = jnp.mean(jnp.argmax(aux["logits_main"], -1) == jnp.argmax(targets, -1))
+        return new_state, {"loss": total, "loss_main": aux["loss_main"], "loss_sub": aux["loss_sub"],
+                           "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+                           "lr": schedule(state["step"])}
+    return train_step
+
+
+def make_eval_step(config, model, num_classes: int):
+    """Sums of top-1 and top-5 hits over the real (mask = 1) examples of a padded batch."""
+    normalise = _normaliser(config)
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, normalise(batch["image"]), train=False)
+        top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+        hits = top5 == batch["label"][:, None]
+        return {"correct1": jnp.sum(hits[:, 0] * batch["mask"]),
+                "correct5": jnp.sum(jnp.any(hits, -1) * batch["mask"]), "count": jnp.sum(batch["mask"])}
+    return eval_step
