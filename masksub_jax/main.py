@@ -5,6 +5,9 @@ command again resumes from the newest checkpoint in the workdir.
 """
 import os
 
+from masksub_jax import allocator
+
+allocator.reexec_with_tcmalloc()  # before anything allocates; a no-op where there is no tcmalloc
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only our input pipeline
 
 from absl import app, flags, logging  # pylint: disable=wrong-import-position

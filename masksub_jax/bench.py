@@ -1,0 +1,204 @@
+"""Benchmarks. `step`: the train step of every MaskSub mode, measured side by side.
+
+  python -m masksub_jax.bench step --config=configs/vit_s.py --batch=16 [--dtype=bfloat16]
+      [--modes=none,masking,dropout,droppath] [--rounds=5] [--memory_lean] [--json=FILE]
+
+Each mode's step is the trainer's own (`step.make_train_step`) on synthetic uint8 images, compiled
+once, warmed up, then timed in interleaved rounds (one step of each mode per round) so that load
+on a shared machine hits every mode alike; the median is reported. FLOPs are counted from the model
+(3x the forward: forward + backward) and compared with XLA's cost analysis; peak memory is XLA's
+buffer assignment for the compiled step (arguments + outputs + temporaries - donated aliases).
+MFU is given where the device's peak is known.
+"""
+import json
+import os
+import platform
+import time
+
+from masksub_jax import allocator
+
+if __name__ == "__main__":
+    allocator.reexec_with_tcmalloc()
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
+from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from masksub_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from masksub_jax import masksub  # noqa: E402  pylint: disable=wrong-import-position
+from masksub_jax import step as step_lib  # noqa: E402  pylint: disable=wrong-import-position
+from masksub_jax.models import vit  # noqa: E402  pylint: disable=wrong-import-position
+
+config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
+                                lock_config=True)
+flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
+flags.DEFINE_string("variant", None, "ViT variant, e.g. B/16 (default: the config's).")
+flags.DEFINE_integer("image_size", None, "Image size (default: the config's).")
+flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES), "Compute dtype (default: the config's).")
+flags.DEFINE_list("modes", list(masksub.MODES), "Step kinds to measure.")
+flags.DEFINE_float("ratio", 0.5, "MaskSub ratio of the masking, dropout and droppath modes.")
+flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs one step of every mode.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps of each mode after compiling.")
+flags.DEFINE_bool("memory_lean", False, "Measure the memory-lean MaskSub order.")
+flags.DEFINE_string("json", None, "Also write the results to this file as a JSON list.")
+
+# Dense matmul peak FLOP/s by device kind and dtype (vendor data sheets; float32 on NVIDIA means TF32).
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+}
+
+
+def forward_flops(variant: str, image_size: int, num_classes: int, channels: int = 3,
+                  kept_tokens: int | None = None) -> float:
+    """Matmul FLOPs of one image's forward pass; `kept_tokens` patch tokens enter the blocks."""
+    width, depth, _, patch = vit.parse_variant(variant)
+    patches = vit.num_patches(image_size, patch)
+    n = 1 + (patches if kept_tokens is None else kept_tokens)
+    embed = 2 * patches * patch * patch * channels * width
+    block = 24 * n * width * width + 4 * n * n * width  # qkv, proj, mlp; scores and weighted sum
+    return embed + depth * block + 2 * width * num_classes
+
+
+def step_flops(config, num_classes: int) -> float:
+    """FLOPs of one train step: 3x the forward of the main and (if any) the sub-branch."""
+    c = config
+    args = (c.model.variant, c.data.image_size, num_classes, len(c.data.mean))
+    flops = forward_flops(*args)
+    if c.masksub.mode != "none" and c.masksub.ratio > 0:
+        kept = None
+        if c.masksub.mode == "masking":
+            patches = vit.num_patches(c.data.image_size, vit.parse_variant(c.model.variant)[3])
+            kept = masksub.num_kept(patches, c.masksub.ratio)
+        flops += forward_flops(*args, kept_tokens=kept)
+    return 3 * c.batch_size * flops
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    for kind, peaks in PEAK_FLOPS.items():
+        if kind.lower() in device.device_kind.lower():
+            return peaks[dtype]
+    return None
+
+
+def _xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _peak_memory(compiled) -> int | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+class StepRunner:
+    """One mode's train step on a synthetic batch: built, compiled and warmed up on creation."""
+
+    def __init__(self, config, mode: str, *, ratio: float, num_classes: int, warmup: int):
+        c = self.config = config.copy_and_resolve_references()
+        c.masksub.mode, c.masksub.ratio = mode, (0.0 if mode == "none" else ratio)
+        shape = (c.batch_size, c.data.image_size, c.data.image_size, len(c.data.mean))
+        data_rng = np.random.default_rng(0)
+        self.batch = {"image": jax.device_put(data_rng.integers(0, 256, shape, dtype=np.uint8)),
+                      "label": jax.device_put(data_rng.integers(0, num_classes, shape[0]).astype(np.int32))}
+        self.rng = jax.random.PRNGKey(1)
+        model = step_lib.make_model(c, num_classes)
+        tx, schedule = step_lib.make_optimizer(c, total_steps=1000, steps_per_epoch=100)
+        self.state = jax.jit(step_lib.make_init(model, tx, shape[1:]))(jax.random.PRNGKey(0))
+        train_step = jax.jit(step_lib.make_train_step(c, model, tx, schedule, num_classes), donate_argnums=(0,))
+        start = time.perf_counter()
+        self.compiled = train_step.lower(self.state, self.batch, self.rng).compile()
+        self.compile_s = time.perf_counter() - start
+        for _ in range(warmup):
+            self.timed_step()
+
+    def timed_step(self) -> float:
+        """Runs one step to completion; returns its wall time in seconds."""
+        start = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+        jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start
+
+
+def measure_steps(config, modes, *, ratio: float, num_classes: int, rounds: int, warmup: int) -> list[dict]:
+    """Compiles every mode's train step, then times them interleaved. One dict per mode."""
+    runners = {mode: StepRunner(config, mode, ratio=ratio, num_classes=num_classes, warmup=warmup)
+               for mode in modes}
+    times = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode, runner in runners.items():
+            times[mode].append(runner.timed_step())
+
+    device = jax.devices()[0]
+    peak = peak_flops(device, config.model.dtype)
+    results = []
+    for mode, runner in runners.items():
+        step_s = float(np.median(times[mode]))
+        flops = step_flops(runner.config, num_classes)
+        results.append({
+            "mode": mode, "ratio": runner.config.masksub.ratio, "variant": config.model.variant,
+            "image_size": config.data.image_size, "batch": config.batch_size, "dtype": config.model.dtype,
+            "memory_lean": config.masksub.memory_lean, "step_time_s": step_s, "step_times_s": times[mode],
+            "images_per_s": config.batch_size / step_s, "compile_s": runner.compile_s,
+            "flops_per_step": flops, "xla_flops_per_step": _xla_flops(runner.compiled),
+            "mfu": flops / step_s / peak if peak else None, "peak_memory_bytes": _peak_memory(runner.compiled),
+            "device": device.device_kind, "device_count": 1, "jax": jax.__version__,
+            "host": platform.node(), "cpu_count": os.cpu_count(),
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        })
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    base = next((r for r in results if r["mode"] == "none"), None)
+    lines = [f"{results[0]['variant']} at {results[0]['image_size']} px, batch {results[0]['batch']}, "
+             f"{results[0]['dtype']}, memory_lean {results[0]['memory_lean']}, "
+             f"on {results[0]['device']} (jax {results[0]['jax']})",
+             f"{'mode':<9} {'step ms':>9} {'img/s':>8} {'compile s':>9} {'GFLOP':>9} {'XLA GFLOP':>9} "
+             f"{'MFU':>6} {'peak MiB':>9} {'time/none':>9} {'FLOP/none':>9}"]
+    for r in results:
+        rel_t = f"{r['step_time_s'] / base['step_time_s']:.3f}" if base else "-"
+        rel_f = f"{r['flops_per_step'] / base['flops_per_step']:.3f}" if base else "-"
+        xla = f"{r['xla_flops_per_step'] / 1e9:.1f}" if r["xla_flops_per_step"] else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "-"
+        lines.append(f"{r['mode']:<9} {r['step_time_s'] * 1e3:>9.1f} {r['images_per_s']:>8.1f} "
+                     f"{r['compile_s']:>9.1f} {r['flops_per_step'] / 1e9:>9.1f} {xla:>9} {mfu:>6} {mem:>9} "
+                     f"{rel_t:>9} {rel_f:>9}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if argv[1:] != ["step"]:
+        raise app.UsageError("Usage: python -m masksub_jax.bench step --config=FILE [flags]")
+    f = flags.FLAGS
+    config = f.config
+    with config.unlocked():
+        config.batch_size = f.batch or config.batch_size
+        config.model.variant = f.variant or config.model.variant
+        config.data.image_size = f.image_size or config.data.image_size
+        config.model.dtype = f.dtype or config.model.dtype
+        config.masksub.memory_lean = f.memory_lean
+    config_lib.validate(config, num_devices=1)
+    unknown = set(f.modes) - set(masksub.MODES)
+    if unknown:
+        raise app.UsageError(f"Unknown modes {sorted(unknown)}; use some of {masksub.MODES}.")
+    results = measure_steps(config, f.modes, ratio=f.ratio, num_classes=f.num_classes, rounds=f.rounds,
+                            warmup=f.warmup)
+    print(format_table(results), flush=True)
+    if f.json:
+        with open(f.json, "w", encoding="utf-8") as out:
+            json.dump(results, out, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
