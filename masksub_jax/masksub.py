@@ -39,21 +39,35 @@ def corruption(mode: str, ratio: float, rng, batch_size: int, num_tokens: int) -
     raise ValueError(f"Unknown MaskSub mode {mode!r}; use one of {MODES}.")
 
 
+def branches(forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float, num_tokens: int):
+    """The two branches' losses as functions of the parameters, with the step's randomness fixed:
+    main(params) -> (loss_main, logits_main) and sub(params, teacher) -> loss_sub."""
+    rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
+
+    def main(params):
+        logits = forward(params, images, rng_main)
+        return loss.fn(logits, loss.main_targets(targets)), logits
+
+    def sub(params, teacher):
+        corrupt = corruption(mode, ratio, rng_corrupt, images.shape[0], num_tokens)
+        return loss.fn(forward(params, images, rng_sub, **corrupt), teacher)
+    return main, sub
+
+
+def _is_plain(mode: str, ratio: float) -> bool:
+    return mode == "none" or ratio == 0
+
+
 def loss_fn(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
             num_tokens: int):
     """The step's loss. Returns (loss, aux) with aux = dict(logits_main, loss_main, loss_sub)."""
-    rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
-    logits_main = forward(params, images, rng_main)
-    loss_main = loss.fn(logits_main, loss.main_targets(targets))
-    if mode == "none" or ratio == 0:  # the plain recipe
+    main, sub = branches(forward, images, targets, rng, loss=loss, mode=mode, ratio=ratio, num_tokens=num_tokens)
+    loss_main, logits_main = main(params)
+    if _is_plain(mode, ratio):
         return loss_main, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=jnp.nan)
-
-    corrupt = corruption(mode, ratio, rng_corrupt, images.shape[0], num_tokens)
-    logits_sub = forward(params, images, rng_sub, **corrupt)
     teacher = jax.lax.stop_gradient(loss.teacher(logits_main))
-    loss_sub = loss.fn(logits_sub, teacher)
-    total = 0.5 * loss_main + 0.5 * loss_sub
-    return total, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub)
+    loss_sub = sub(params, teacher)
+    return 0.5 * loss_main + 0.5 * loss_sub, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub)
 
 
 def grads(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
@@ -66,21 +80,14 @@ def grads(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: s
     about that of the plain recipe. Same result, up to float rounding.
     """
     kwargs = dict(loss=loss, mode=mode, ratio=ratio, num_tokens=num_tokens)
-    if not memory_lean or mode == "none" or ratio == 0:
+    if not memory_lean or _is_plain(mode, ratio):
         return jax.value_and_grad(loss_fn, has_aux=True)(params, forward, images, targets, rng, **kwargs)
 
-    rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
-
-    def main_loss(p):
-        logits = forward(p, images, rng_main)
-        return loss.fn(logits, loss.main_targets(targets)), logits
-
-    (loss_main, logits_main), grad_main = jax.value_and_grad(main_loss, has_aux=True)(params)
+    main, sub = branches(forward, images, targets, rng, **kwargs)
+    (loss_main, logits_main), grad_main = jax.value_and_grad(main, has_aux=True)(params)
     teacher = jax.lax.stop_gradient(loss.teacher(logits_main))
     grad_main, params, teacher = jax.lax.optimization_barrier((grad_main, params, teacher))
-
-    corrupt = corruption(mode, ratio, rng_corrupt, images.shape[0], num_tokens)
-    loss_sub, grad_sub = jax.value_and_grad(lambda p: loss.fn(forward(p, images, rng_sub, **corrupt), teacher))(params)
-    total = 0.5 * loss_main + 0.5 * loss_sub
+    loss_sub, grad_sub = jax.value_and_grad(sub)(params, teacher)
     grad = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, grad_main, grad_sub)
-    return (total, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub)), grad
+    aux = dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub)
+    return (0.5 * loss_main + 0.5 * loss_sub, aux), grad

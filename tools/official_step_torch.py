@@ -49,8 +49,9 @@ def token_dropped_forward(model, images, ratio):
 def make_torch_steps(args, device):
     model = timm.create_model(TIMM_NAMES[args.variant], pretrained=False, img_size=args.image_size,
                               num_classes=1000, drop_path_rate=0.1).to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in ("pos_embed", "cls_token")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in ("pos_embed", "cls_token"))]
+    decayed = {n: p.ndim > 1 and n not in ("pos_embed", "cls_token") for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decayed[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decayed[n]]
     optimizer = Lamb([{"params": decay, "weight_decay": 0.03}, {"params": no_decay, "weight_decay": 0.0}],
                                 lr=3e-3)
     criterion = torch.nn.BCEWithLogitsLoss()
