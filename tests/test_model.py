@@ -131,3 +131,22 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32():
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)
     assert not np.array_equal(got, want)  # really computed in bfloat16
+
+
+@pytest.mark.parametrize("tokens", [5, 8, 99])
+def test_padded_attention_equals_plain_attention_with_its_gradient(tokens):
+    """The padding that cuDNN's sequence-length rule needs changes neither the output nor the gradient."""
+    q, k, v = jax.random.normal(jax.random.PRNGKey(tokens), (3, 2, tokens, 3, 16))
+
+    def naive(q, k, v):  # independent: softmax(q k^T / sqrt(d)) v per head
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+
+    def padded(q, k, v):
+        return vit.padded_attention(q, k, v, multiple=8)
+
+    np.testing.assert_allclose(padded(q, k, v), naive(q, k, v), rtol=1e-5, atol=1e-6)
+    want = jax.grad(lambda *x: jnp.sum(jnp.sin(naive(*x))), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(lambda *x: jnp.sum(jnp.sin(padded(*x))), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -46,6 +46,37 @@ def num_patches(image_size: int, patch_size: int) -> int:
     return (image_size // patch_size) ** 2
 
 
+# cuDNN's fused attention takes sequence lengths that are a multiple of this; ViT's (197, 145, and
+# the sub-branch's 99) are not, so they are padded and the padding masked out.
+CUDNN_SEQ_MULTIPLE = 8
+
+
+def padded_attention(q, k, v, *, multiple: int, implementation: str | None = None):
+    """Softmax attention over (batch, tokens, heads, head_dim), computed on the tokens padded to a
+    multiple of `multiple` with the padded keys masked out; equal to attention on the unpadded tokens."""
+    batch, tokens = q.shape[:2]
+    padded = -(-tokens // multiple) * multiple
+    pad = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
+    lengths = jnp.full((batch,), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(*(jnp.pad(x, pad) for x in (q, k, v)), query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :tokens]
+
+
+def attention(q, k, v):
+    """cuDNN's fused (flash) attention on GPUs in 16-bit precision, XLA's attention elsewhere.
+
+    Measured on an H100, ViT-B/16 192 px batch 256 bf16: the whole MaskSub step 1.21x faster and
+    3.7 GiB less memory than XLA's attention (BENCHMARKS.md).
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return padded_attention(q, k, v, multiple=CUDNN_SEQ_MULTIPLE, implementation="cudnn")
+        except (NotImplementedError, RuntimeError):  # no cuDNN or a GPU it does not support: checked when traced
+            pass
+    return jax.nn.dot_product_attention(q, k, v)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per example, rescales the kept ones."""
     rate: float
@@ -70,7 +101,7 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         qkv = nn.Dense(3 * width, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 3, axis=2)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
         out = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, width))
         return nn.Dropout(self.dropout)(out, deterministic)
 
