@@ -16,6 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("digits", "synthetic", "tfds")
 DTYPES = ("float32", "bfloat16")
+NONFINITE_POLICIES = ("stop", "skip")
 OPTIONAL = {"data.data_dir": str, "total_steps": int}  # keys whose default is None
 
 
@@ -75,6 +76,10 @@ def base() -> ml_collections.ConfigDict:
     c.eval_batch_size = 1024
     c.total_epochs = 400.0
     c.total_steps = config_dict.placeholder(int)  # overrides total_epochs when set
+
+    # A NaN or Inf loss or gradient: "stop" the run naming the step, or "skip" that step's update.
+    # Either way the update is not applied and no checkpoint with NaNs is written.
+    c.on_nonfinite = "stop"
 
     c.log_every_steps = 100
     c.eval_every_steps = 6250  # 0 = only at the end
@@ -187,6 +192,7 @@ def validate(config, num_devices: int = 1) -> None:
     for key in ("batch_size", "eval_batch_size"):
         _require(c[key] >= 1 and c[key] % num_devices == 0, key, c[key],
                  f"must be a positive multiple of the device count {num_devices}")
+    _require(c.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", c.on_nonfinite, f"use one of {NONFINITE_POLICIES}")
     _require(c.total_epochs > 0 and math.isfinite(c.total_epochs), "total_epochs", c.total_epochs, "must be > 0")
     _require(c.total_steps is None or c.total_steps >= 1, "total_steps", c.total_steps, "must be >= 1 or None")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):

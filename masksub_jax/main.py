@@ -2,8 +2,12 @@
 
 `--config.KEY=VALUE` overrides any key of the config; unknown keys are rejected. Running the same
 command again resumes from the newest checkpoint in the workdir.
+
+Exit status: 0 when the run is finished; 75 when it was told to stop (SIGTERM, a TPU preemption
+notice) and saved a checkpoint first, so rerunning the same command continues it; 1 on an error.
 """
 import os
+import sys
 
 from masksub_jax import allocator
 
@@ -13,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only our inp
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from masksub_jax import train  # pylint: disable=wrong-import-position
+from masksub_jax import preemption, train  # pylint: disable=wrong-import-position
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b.py[:epochs=800].",
                                 lock_config=True)
@@ -26,7 +30,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # progress is printed; library INFO logs only on request
         logging.set_verbosity(logging.WARNING)
-    train.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except preemption.Preempted as e:
+        print(e, flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

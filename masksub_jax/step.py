@@ -62,11 +62,17 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state, "rng": state["rng"]}
+        # A NaN or Inf loss or gradient: the update is not applied (the trainer stops or goes on,
+        # per config.on_nonfinite), so parameters and checkpoints never hold NaNs.
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state["step"] = state["step"] + 1
         # Against the dominant class of the mixed target: what the main branch is asked to predict.
         accuracy = jnp.mean(jnp.argmax(aux["logits_main"], -1) == jnp.argmax(targets, -1))
         return new_state, {"loss": total, "loss_main": aux["loss_main"], "loss_sub": aux["loss_sub"],
-                           "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-                           "lr": schedule(state["step"])}
+                           "accuracy": accuracy, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                           "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return train_step
 
 

@@ -2,6 +2,7 @@
 loop, evaluation. `run(config, workdir)` is what `main.py` calls and what a notebook can call; it
 returns the final metrics and resumes from the newest checkpoint in `workdir` by itself.
 """
+import functools
 import json
 import os
 import time
@@ -11,20 +12,29 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from masksub_jax import checkpoint, metrics
+from masksub_jax import checkpoint, metrics, preemption
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN or Inf and config.on_nonfinite is "stop"."""
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) and evaluates; returns the final metrics (also WORKDIR/summary.json)."""
+    """Trains (or resumes) and evaluates; returns the final metrics (also WORKDIR/summary.json).
+
+    Raises preemption.Preempted after saving if told to stop (SIGTERM, or a TPU preemption notice),
+    and NonFiniteError if the loss diverges with config.on_nonfinite="stop".
+    """
     start_time = time.time()
     # ----------------------------------------------------------------------------------------------
-    # Config: checked whole before anything is loaded or compiled.
+    # Config and workdir: checked whole before anything is loaded or compiled.
     config_lib.validate(config, num_devices=jax.device_count())
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    say = functools.partial(_say, is_chief)
+    _check_writable(workdir)
     _check_same_run(config, workdir)
     summary_path = os.path.join(workdir, "summary.json")
 
@@ -63,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_sharding)
-    state = checkpoint.restore_latest(mngr, abstract_sharded)
+    state = checkpoint.restore_latest(mngr, abstract_sharded, say=say)
     if state is None:
         state = jax.jit(init, out_shardings=state_sharding)(rng)
         start_step = 0
@@ -72,10 +82,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if start_step >= total_steps and os.path.exists(summary_path):
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
-            _say(is_chief, f"Run in {workdir} already finished at step {start_step}: "
-                           f"top1 {summary['top1']:.4f}. Nothing to do.")
+            say(f"Run in {workdir} already finished at step {start_step}: "
+                f"top1 {summary['top1']:.4f}. Nothing to do.")
             return summary
-        _say(is_chief, f"Resuming from the checkpoint of step {start_step} in {workdir}.")
+        say(f"Resuming from the checkpoint of step {start_step} in {workdir}.")
 
     # ----------------------------------------------------------------------------------------------
     # The steps.
@@ -97,33 +107,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
         writer.write_hparams(dict(config_lib.flatten(config)))
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
-    _say(is_chief, f"Training ViT-{config.model.variant} ({_count(state['params']) / 1e6:.2f}M params) "
-                   f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
-                   f"{total_steps} steps of {config.batch_size} on {jax.device_count()} device(s).")
-    pending = []
+    say(f"Training ViT-{config.model.variant} ({_count(state['params']) / 1e6:.2f}M params) "
+        f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
+        f"{total_steps} steps of {config.batch_size} on {jax.device_count()} device(s).")
+    pending, window = [], []  # step metrics on the device; fetched ones since the last log line
     step = start_step
     batches = data.train_batches(start_step)
-    while step < total_steps:
-        state, step_metrics = train_step(state, to_global(next(batches)), jax.random.fold_in(state["rng"], step))
-        step += 1
-        pending.append(step_metrics)
-        if step % config.log_every_steps == 0 or step == total_steps:
-            scalars = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
-            pending = []
-            steps_per_s = progress.rate(step)
-            scalars["examples_per_s"] = steps_per_s * config.batch_size
-            writer.write_scalars(step, scalars)
-            _say(is_chief, progress.line(step, scalars, steps_per_s))
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-            result = evaluate(state["params"])
-            writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
-            _say(is_chief, f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
-        if step % config.checkpoint_every_steps == 0 or step == total_steps:
-            checkpoint.save(mngr, state)
+    with preemption.Watch(mngr, say) as watch:
+        while step < total_steps:
+            state, step_metrics = train_step(state, to_global(next(batches)),
+                                             jax.random.fold_in(state["rng"], step))
+            step += 1
+            pending.append((step, step_metrics))
+            preempted = watch.reached(step)
+            save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+            if step % config.log_every_steps == 0 or step == total_steps or save_now:
+                window += _fetch_and_check(pending, config.on_nonfinite, mngr, say)
+                pending = []
+            if step % config.log_every_steps == 0 or step == total_steps:
+                scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                window = []
+                scalars["examples_per_s"] = progress.rate(step) * config.batch_size
+                writer.write_scalars(step, scalars)
+                say(progress.line(step, scalars, scalars["examples_per_s"] / config.batch_size))
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+                result = evaluate(state["params"])
+                writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+                say(f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
+            if save_now:
+                checkpoint.save(mngr, state, force=preempted)
+            if preempted and step < total_steps:
+                checkpoint.wait(mngr)
+                writer.flush()
+                raise preemption.Preempted(step, workdir)
 
     # ----------------------------------------------------------------------------------------------
     # Final evaluation, once the last checkpoint is safely written.
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     result = evaluate(state["params"])
     writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
     writer.flush()
@@ -131,10 +151,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_chief:
         with open(summary_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
-    _say(is_chief, f"Finished at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
-                   f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
-                   f"Summary: {summary_path}")
+    say(f"Finished at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
+        f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
+        f"Summary: {summary_path}")
     return summary
+
+
+def _fetch_and_check(pending, policy: str, mngr, say) -> list[dict]:
+    """The pending steps' metrics on the host. A NaN or Inf step (whose update the step did not
+    apply) stops the run under policy "stop", after the checkpoints in flight are written."""
+    fetched = [(step, jax.device_get(m)) for step, m in pending]
+    bad = [(step, m) for step, m in fetched if m["nonfinite"]]
+    if bad and policy == "stop":
+        checkpoint.wait(mngr)
+        step, m = bad[0]
+        raise NonFiniteError(
+            f"The loss or gradient is NaN or Inf at step {step} (loss_main {m['loss_main']}, loss_sub "
+            f"{m['loss_sub']}, grad_norm {m['grad_norm']}). Its update was not applied and no checkpoint "
+            f"after it was written; the newest is step {mngr.latest_step()}. Lower optim.lr or lengthen "
+            "optim.warmup_epochs and rerun (it resumes from there), or set --config.on_nonfinite=skip "
+            "to skip such steps.")
+    if bad:
+        say(f"WARNING: NaN or Inf loss or gradient at steps {[step for step, _ in bad]}: "
+            "their updates were skipped (config.on_nonfinite='skip').")
+    return [{k: float(v) for k, v in m.items()} for _, m in fetched]
+
+
+def _check_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"Cannot write to --workdir={workdir}: {e}. Use a directory this process can "
+                      "create and write to.") from None
 
 
 def _count(params) -> int:

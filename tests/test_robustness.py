@@ -1,0 +1,218 @@
+"""Never lose a run: kill -9 and SIGTERM of a real training process, damaged and incompatible
+checkpoints, NaNs, a failing checkpoint write, an unwritable workdir. Digits data, CPU."""
+import glob
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from masksub_jax import checkpoint, preemption, train
+from masksub_jax.data import pipeline
+from tests.conftest import tiny_digits_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/digits.py shortened; the same overrides for the child processes and the in-process reference.
+OVERRIDES = {"total_steps": 30, "checkpoint_every_steps": 5, "log_every_steps": 1, "eval_every_steps": 0}
+
+
+def _command(workdir, data_dir):
+    flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.data_dir": data_dir}.items()]
+    return [sys.executable, "-m", "masksub_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *flags]
+
+
+def _digits_config(data_dir):
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import digits as digits_config  # pylint: disable=import-outside-toplevel
+    finally:
+        sys.path.pop(0)
+    c = digits_config.get_config()
+    for key, value in {**OVERRIDES, "data.data_dir": data_dir}.items():
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+    return c
+
+
+def _start(workdir, data_dir):
+    return subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def _wait_for_step(proc, step: int) -> list[str]:
+    """Reads the child's output until it reports a step >= `step`; returns the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+            return lines
+    raise AssertionError(f"the run ended before step {step}:\n{''.join(lines[-30:])}")
+
+
+def _assert_same_params(workdir_a, workdir_b):
+    for a, b in zip(jax.tree.leaves(checkpoint.load_params(workdir_a)), jax.tree.leaves(checkpoint.load_params(workdir_b))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir, tmp_path_factory):
+    """The uninterrupted run, in this process."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    assert train.run(_digits_config(digits_dir), workdir)["step"] == OVERRIDES["total_steps"]
+    return workdir
+
+
+def test_kill_9_at_random_steps_and_during_a_write_then_rerun_equals_uninterrupted(reference, digits_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    for kill_at in sorted(np.random.default_rng(0).choice(np.arange(3, 28), 3, replace=False)):
+        proc = _start(workdir, digits_dir)
+        _wait_for_step(proc, kill_at)
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+    # Once more, killed the moment a checkpoint write is seen in progress (Orbax's temporary folder).
+    proc = _start(workdir, digits_dir)
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    caught = False
+    while proc.poll() is None and not caught:
+        caught = bool(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    done = subprocess.run(_command(workdir, digits_dir), cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Resuming from the checkpoint of step" in done.stdout
+    _assert_same_params(reference, workdir)
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+
+
+def test_sigterm_twice_saves_exits_75_and_the_rerun_equals_uninterrupted(reference, digits_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = _start(workdir, digits_dir)
+    _wait_for_step(proc, 7)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # while it finishes the step or saves: must not corrupt anything
+    output = proc.stdout.read()
+    assert proc.wait() == preemption.EXIT_PREEMPTED, output[-3000:]
+    assert "Preempted: saved the checkpoint of step" in output
+    saved = checkpoint.manager(workdir, read_only=True).latest_step()
+    assert 7 <= saved < OVERRIDES["total_steps"]
+    assert saved % 5 != 0 or saved == 10  # saved at the step it was told, not only on the 5-step grid
+    done = subprocess.run(_command(workdir, digits_dir), cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"Resuming from the checkpoint of step {saved}" in done.stdout
+    _assert_same_params(reference, workdir)
+
+
+def _truncate_largest_array_file(step_dir):
+    largest = max(glob.glob(os.path.join(step_dir, "default", "**", "d", "*"), recursive=True), key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 3)
+
+
+def _remove_array_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+def _replace_metadata_by_a_pickle(step_dir):
+    """A pickle that would create a file if anything unpickled it."""
+    class Bomb:  # pylint: disable=too-few-public-methods
+        def __reduce__(self):
+            return (open, (os.path.join(step_dir, "..", "..", "PWNED"), "w"))
+    with open(os.path.join(step_dir, "default", "_METADATA"), "wb") as f:
+        pickle.dump(Bomb(), f)
+
+
+def _remove_item_folder(step_dir):
+    shutil.rmtree(os.path.join(step_dir, "default"))
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_array_file, _remove_array_metadata,
+                                    _replace_metadata_by_a_pickle, _remove_item_folder])
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(reference, tmp_path, capsys,
+                                                                                      damage, digits_dir):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    os.remove(os.path.join(workdir, "summary.json"))
+    damage(os.path.join(workdir, "checkpoints", "30"))
+    assert train.run(_digits_config(digits_dir), workdir)["step"] == 30
+    out = capsys.readouterr().out
+    assert "the checkpoint of step 30 is damaged" in out and "Resuming from the checkpoint of step 25" in out
+    kept = glob.glob(os.path.join(workdir, "damaged_checkpoints", "30-*"))
+    assert len(kept) == 1 and os.listdir(kept[0])  # moved aside, not deleted
+    assert not os.path.exists(os.path.join(workdir, "PWNED"))
+    _assert_same_params(reference, workdir)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error_and_nothing_is_moved(reference, digits_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    os.remove(os.path.join(workdir, "config.json"))  # so that only the checkpoint itself can tell
+    config = _digits_config(digits_dir)
+    config.model.variant = "mu/4"
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model.*pos_embed"):
+        train.run(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "25", "30"]
+    assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
+
+
+def test_unwritable_workdir_is_a_clear_error(digits_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="Cannot write to --workdir"):
+        train.run(tiny_digits_config(digits_dir), str(blocker / "w"))
+
+
+def _nan_at(monkeypatch, bad_step: int):
+    """The digits batches as float32, with NaN images in the batch of step index `bad_step`."""
+    original = pipeline.ArraySource.train_batches
+
+    def train_batches(self, start_step=0):
+        for step, batch in enumerate(original(self, start_step), start_step):
+            image = batch["image"].astype(np.float32)
+            yield {"image": image * np.nan if step == bad_step else image, "label": batch["label"]}
+    monkeypatch.setattr(pipeline.ArraySource, "train_batches", train_batches)
+
+
+def test_nan_stops_the_run_naming_the_step_and_no_checkpoint_holds_nans(digits_dir, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, bad_step=7)
+    config = tiny_digits_config(digits_dir, total_steps=20, checkpoint_every_steps=5, log_every_steps=10)
+    with pytest.raises(train.NonFiniteError, match="NaN or Inf at step 8 .*newest is step 5"):
+        train.run(config, str(tmp_path))
+    assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [5]
+
+
+def test_nan_skip_policy_skips_that_update_and_finishes(digits_dir, tmp_path, monkeypatch, capsys):
+    _nan_at(monkeypatch, bad_step=7)
+    config = tiny_digits_config(digits_dir, total_steps=20, checkpoint_every_steps=5, log_every_steps=10,
+                                on_nonfinite="skip")
+    assert train.run(config, str(tmp_path))["step"] == 20
+    assert "NaN or Inf loss or gradient at steps [8]" in capsys.readouterr().out
+    for leaf in jax.tree.leaves(checkpoint.load_params(str(tmp_path))):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_failing_checkpoint_write_is_reported_and_earlier_checkpoints_stay(digits_dir, tmp_path, capsys):
+    """Files may not grow past 100 kB (RLIMIT_FSIZE, which binds root too): the array files of the
+    step-40 checkpoint cannot be written, as on a full disk."""
+    workdir = str(tmp_path / "w")
+    train.run(tiny_digits_config(digits_dir, total_steps=20, checkpoint_every_steps=10), workdir)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(checkpoint.CheckpointWriteError, match=r"intact \(steps \[10, 20\]\)"):
+            train.run(tiny_digits_config(digits_dir, total_steps=40, checkpoint_every_steps=10), workdir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    capsys.readouterr()
+    assert train.run(tiny_digits_config(digits_dir, total_steps=40, checkpoint_every_steps=10), workdir)["step"] == 40
+    assert "Resuming from the checkpoint of step 20" in capsys.readouterr().out
