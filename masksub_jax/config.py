@@ -34,6 +34,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.image_size = 224
     c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop
     c.data.shuffle_buffer = 10_000
+    c.data.on_corrupt_image = "fail"  # source=tfds: "fail" naming the example's id, or "skip" it with a warning
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
     c.data.num_classes = 10  # source=synthetic only; other sources read it from the data set
@@ -161,6 +162,8 @@ def validate(config, num_devices: int = 1) -> None:
     _require(c.data.image_size > 0 and c.data.image_size % patch == 0, "data.image_size", c.data.image_size,
              f"must be a positive multiple of the patch size {patch} of model.variant={c.model.variant!r}")
     _require(0 < c.data.crop_ratio <= 1, "data.crop_ratio", c.data.crop_ratio, "must be in (0, 1]")
+    _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,
+             "use 'fail' or 'skip'")
     _require(c.data.shuffle_buffer >= 1, "data.shuffle_buffer", c.data.shuffle_buffer, "must be >= 1")
     _require(len(c.data.mean) == len(c.data.std) and all(s > 0 for s in c.data.std), "data.std",
              c.data.std, "give one positive std per channel, as many as data.mean")

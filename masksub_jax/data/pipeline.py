@@ -28,6 +28,10 @@ class DataNotFoundError(FileNotFoundError):
     """The data set is not prepared where the config says."""
 
 
+class CorruptImageError(ValueError):
+    """An image of the data set cannot be decoded (config.data.on_corrupt_image = "fail")."""
+
+
 class ArraySource:
     """Train and eval examples held in memory as uint8 arrays."""
 

@@ -1,12 +1,17 @@
-"""A TFDS image-classification data set streamed with tf.data, each process reading its own shard."""
+"""A TFDS image-classification data set streamed with tf.data, each process reading its own shard.
+
+An image that cannot be decoded stops the run naming its TFDS id (config.data.on_corrupt_image =
+"fail"), or is left out with a warning naming it ("skip").
+"""
 import math
+import sys
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from masksub_jax.data.pipeline import Batch, DataNotFoundError, pad
+from masksub_jax.data.pipeline import Batch, CorruptImageError, DataNotFoundError, pad
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX
 
@@ -72,7 +77,7 @@ class TfdsSource:
             return self.builder.as_dataset(
                 split=shard, shuffle_files=shuffle_seed is not None,
                 decoders={"image": tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+                read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=True))
         except AssertionError as e:  # TFDS's "could not find data"
             d = self.config.data
             raise DataNotFoundError(
@@ -94,9 +99,38 @@ class TfdsSource:
 
         ds = self._dataset(c.data.train_split, shuffle_seed=seed).repeat()
         ds = ds.shuffle(c.data.shuffle_buffer, seed=seed).enumerate()
-        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = self._map_checked(ds, preprocess)
         ds = ds.batch(c.batch_size // self.process_count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-        return iter(tfds.as_numpy(ds))
+        return _reporting_corrupt_images(tfds.as_numpy(ds))
+
+    def _map_checked(self, ds, preprocess):
+        """`preprocess` on every element; an example whose image fails it is reported by its id.
+
+        tf.data cannot catch an error per element, so each element becomes a one-element data set
+        whose failure is ignored and replaced by a placeholder marked not ok.
+        """
+        placeholder = {"image": tf.zeros(self.image_shape, tf.uint8), "label": tf.constant(-1, tf.int32)}
+
+        def one(*element):
+            tfds_id = element[-1]["tfds_id"]
+            done = tf.data.Dataset.from_tensors(element).map(preprocess).ignore_errors()
+            failed = tf.data.Dataset.from_tensors(placeholder)
+            return done.concatenate(failed).take(1).map(lambda out: {**out, "tfds_id": tfds_id})
+
+        ds = ds.interleave(one, cycle_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if self.config.data.on_corrupt_image == "fail":
+            def check(out):
+                ok = tf.debugging.Assert(out["label"] >= 0, [_CORRUPT, out["tfds_id"]])
+                with tf.control_dependencies([ok]):
+                    return {k: tf.identity(v) for k, v in out.items() if k != "tfds_id"}
+            return ds.map(check)
+
+        def report(out):
+            tf.cond(out["label"] >= 0, tf.no_op, lambda: tf.print(f"WARNING: {_CORRUPT}", out["tfds_id"],
+                                                                  "- skipped.", output_stream=sys.stderr))
+            return out
+        ds = ds.map(report).filter(lambda out: out["label"] >= 0)
+        return ds.map(lambda out: {k: v for k, v in out.items() if k != "tfds_id"})
 
     def eval_batches(self) -> Iterator[Batch]:
         c = self.config
@@ -106,15 +140,35 @@ class TfdsSource:
             image = resize_and_centre_crop(example["image"], size=c.data.image_size, crop_ratio=c.data.crop_ratio)
             return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-        ds = self._dataset(c.data.eval_split, shuffle_seed=None)
-        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).batch(local).prefetch(tf.data.AUTOTUNE)
+        ds = self._map_checked(self._dataset(c.data.eval_split, shuffle_seed=None), preprocess)
+        ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
         steps = None  # every process must run the same number of eval steps
         if self.num_eval_examples is not None:
             steps = math.ceil(math.ceil(self.num_eval_examples / self.process_count) / local)
         count = 0
-        for batch in tfds.as_numpy(ds):
+        for batch in _reporting_corrupt_images(tfds.as_numpy(ds)):
             count += 1
             yield pad({k: batch[k] for k in ("image", "label")}, local)
         while steps is not None and count < steps:
             count += 1
             yield pad({"image": np.zeros((0,) + self.image_shape, np.uint8), "label": np.zeros(0, np.int32)}, local)
+
+
+_CORRUPT = "Corrupt image (it cannot be decoded) in the TFDS example"
+
+
+def _reporting_corrupt_images(batches):
+    """The batches; tf.data's failed check of a corrupt image becomes a CorruptImageError."""
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            if _CORRUPT not in e.message:
+                raise
+            tfds_id = e.message.split(_CORRUPT, 1)[1].split("[", 1)[1].split("]", 1)[0]
+            raise CorruptImageError(f"{_CORRUPT} {tfds_id}. Replace or remove that example and rebuild the data set, or set "
+                                    "--config.data.on_corrupt_image=skip to leave such examples out.") from None
+        yield batch
