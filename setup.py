@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     # The embedded digits data set ships inside scikit-learn (no download).
     "scikit-learn==1.9.1",
+    # Weight files in and out (masksub_jax.convert) without torch and without pickles.
+    "safetensors==0.8.0",
 ]
 
 setuptools.setup(

@@ -17,7 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("digits", "synthetic", "tfds")
 DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
-OPTIONAL = {"data.data_dir": str, "total_steps": int}  # keys whose default is None
+OPTIONAL = {"data.data_dir": str, "total_steps": int, "init_from": str}  # keys whose default is None
 
 
 def base() -> ml_collections.ConfigDict:
@@ -40,6 +40,11 @@ def base() -> ml_collections.ConfigDict:
     c.data.num_classes = 10  # source=synthetic only; other sources read it from the data set
     c.data.num_train_examples = 1024  # source=synthetic only
     c.data.num_eval_examples = 256  # source=synthetic only
+
+    # Start from these weights instead of a random init (fresh runs only; a resumed run uses its own
+    # checkpoint): a training workdir, or timm / DeiT-III / MAE weights written by
+    # `python -m masksub_jax.convert`. pos_embed is resampled, a head of another size re-initialised.
+    c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "S/16"  # NAME/PATCH with NAME in mu, Ti, S, B, L, H

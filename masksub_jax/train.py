@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from masksub_jax import checkpoint, metrics, preemption
+from masksub_jax import checkpoint, convert, metrics, preemption
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
@@ -77,6 +77,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if state is None:
         state = jax.jit(init, out_shardings=state_sharding)(rng)
         start_step = 0
+        if config.init_from:
+            params = convert.adapt_params(convert.read_params(config.init_from), jax.device_get(state["params"]),
+                                          say=say)
+            state["params"] = jax.device_put(params, state_sharding["params"])
+            say(f"Initialised the parameters from {config.init_from}.")
     else:
         start_step = int(jax.device_get(state["step"]))
         if start_step >= total_steps and os.path.exists(summary_path):
