@@ -216,3 +216,17 @@ def test_failing_checkpoint_write_is_reported_and_earlier_checkpoints_stay(digit
     capsys.readouterr()
     assert train.run(tiny_digits_config(digits_dir, total_steps=40, checkpoint_every_steps=10), workdir)["step"] == 40
     assert "Resuming from the checkpoint of step 20" in capsys.readouterr().out
+
+
+def test_write_cut_off_mid_checkpoint_is_ignored_and_cleaned_up(reference, digits_dir, tmp_path):
+    """What kill -9 during an asynchronous save leaves: step 30 only as Orbax's temporary folder, half
+    written. The run resumes from step 25, removes the leftover and ends equal to the uninterrupted run."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    os.remove(os.path.join(workdir, "summary.json"))
+    step_dir = os.path.join(workdir, "checkpoints", "30")
+    _truncate_largest_array_file(step_dir)
+    os.rename(step_dir, step_dir + ".orbax-checkpoint-tmp")
+    assert train.run(_digits_config(digits_dir), workdir)["step"] == 30
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "25", "30"]
+    _assert_same_params(reference, workdir)
