@@ -78,6 +78,9 @@ def base() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0  # global norm; 0 = off. LAMB's official clip is 1.0.
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1  # devices that share (shard) the parameters and optimizer state; the rest is data parallel
+
     c.batch_size = 2048  # global, over all devices and processes
     c.eval_batch_size = 1024
     c.total_epochs = 400.0
@@ -197,6 +200,8 @@ def validate(config, num_devices: int = 1) -> None:
         _require(c.optim[key] >= 0, f"optim.{key}", c.optim[key], "must be >= 0")
     for key in ("b1", "b2"):
         _require(0 <= c.optim[key] < 1, f"optim.{key}", c.optim[key], "must be in [0, 1)")
+    _require(c.mesh.fsdp >= 1 and num_devices % c.mesh.fsdp == 0, "mesh.fsdp", c.mesh.fsdp,
+             f"must divide the device count {num_devices}")
     for key in ("batch_size", "eval_batch_size"):
         _require(c[key] >= 1 and c[key] % num_devices == 0, key, c[key],
                  f"must be a positive multiple of the device count {num_devices}")

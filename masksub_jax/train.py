@@ -10,9 +10,8 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from masksub_jax import checkpoint, convert, metrics, preemption
+from masksub_jax import checkpoint, convert, metrics, preemption, sharding
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
@@ -39,10 +38,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary_path = os.path.join(workdir, "summary.json")
 
     # ----------------------------------------------------------------------------------------------
-    # Device mesh: every device on the `data` axis; the batch is split over it, the state replicated.
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
+    # Device mesh (data x fsdp): the batch is split over all devices, large state arrays over fsdp.
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    replicated = sharding.replicated(mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------------------------------------
     # Data.
@@ -66,7 +65,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init = step_lib.make_init(model, tx, data.image_shape)
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init, rng)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    state_sharding = sharding.state_sharding(abstract_state, mesh)
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoint restore, else a fresh state.
@@ -98,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     eval_step = jax.jit(step_lib.make_eval_step(config, model, data.num_classes),
-                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+                        in_shardings=(state_sharding["params"], batch_sharding), out_shardings=replicated)
 
     def evaluate(params):
         sums = [eval_step(params, to_global(batch)) for batch in data.eval_batches()]

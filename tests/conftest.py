@@ -37,3 +37,26 @@ def tiny_digits_config(data_dir: str, **overrides):
         section, _, name = key.rpartition(".")
         (c[section] if section else c)[name] = value
     return c
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digits_file_config(data_dir: str, overrides: dict):
+    """configs/digits.py with `overrides` (dotted keys), as the command line would give it."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location("digits_config", os.path.join(REPO, "configs", "digits.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    for key, value in {**overrides, "data.data_dir": data_dir}.items():
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+    return c
+
+
+def digits_main_command(workdir: str, data_dir: str, overrides: dict) -> list[str]:
+    """The command line that trains `digits_file_config(data_dir, overrides)` in a new process."""
+    import sys  # pylint: disable=import-outside-toplevel
+    flags = [f"--config.{k}={v}" for k, v in {**overrides, "data.data_dir": data_dir}.items()]
+    return [sys.executable, "-m", "masksub_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *flags]

@@ -7,7 +7,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,29 +16,18 @@ import pytest
 
 from masksub_jax import checkpoint, preemption, train
 from masksub_jax.data import pipeline
-from tests.conftest import tiny_digits_config
+from tests.conftest import REPO, digits_file_config, digits_main_command, tiny_digits_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/digits.py shortened; the same overrides for the child processes and the in-process reference.
 OVERRIDES = {"total_steps": 30, "checkpoint_every_steps": 5, "log_every_steps": 1, "eval_every_steps": 0}
 
 
 def _command(workdir, data_dir):
-    flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.data_dir": data_dir}.items()]
-    return [sys.executable, "-m", "masksub_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *flags]
+    return digits_main_command(workdir, data_dir, OVERRIDES)
 
 
 def _digits_config(data_dir):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import digits as digits_config  # pylint: disable=import-outside-toplevel
-    finally:
-        sys.path.pop(0)
-    c = digits_config.get_config()
-    for key, value in {**OVERRIDES, "data.data_dir": data_dir}.items():
-        section, _, name = key.rpartition(".")
-        (c[section] if section else c)[name] = value
-    return c
+    return digits_file_config(data_dir, OVERRIDES)
 
 
 def _start(workdir, data_dir):
