@@ -4,6 +4,8 @@ Mesh axes: `data` (the batch is split over it) and `fsdp` (the batch is split ov
 are the large parameters and optimizer moments, ZeRO-3 style: XLA gathers a weight where it is
 used). With fsdp = 1 (the default) every device holds the whole state: plain data parallelism.
 """
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -42,3 +44,20 @@ def state_sharding(abstract_state, mesh: Mesh):
                 return NamedSharding(mesh, P(*(("fsdp" if d == dim else None) for d in range(leaf.ndim))))
         return replicated(mesh)
     return jax.tree.map(rule, abstract_state)
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, environ=os.environ) -> bool:
+    """Starts JAX's multi-process runtime where the run has several processes; True if it did.
+
+    Explicit: all three arguments. Detected: SLURM with several tasks, a Cloud TPU pod slice.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("--coordinator_address, --num_processes and --process_id go together; give all three.")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 or "," in environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()  # the cluster tells JAX the coordinator, the count and the index
+        return True
+    return False

@@ -57,3 +57,42 @@ def test_loss_trajectory_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh(d
 def test_fsdp_that_does_not_divide_the_devices_is_a_clear_error(digits_dir, tmp_path):
     with pytest.raises(ValueError, match="mesh.fsdp=3 is invalid: must divide the device count 8"):
         train.run(tiny_digits_config(digits_dir, **{"mesh.fsdp": 3}), str(tmp_path))
+
+
+def _free_port() -> int:
+    import socket  # pylint: disable=import-outside-toplevel
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(digits_dir, tmp_path):
+    """jax.distributed over 127.0.0.1 with gloo CPU collectives; one checkpoint, restorable by one process."""
+    overrides = {**OVERRIDES, "total_steps": 10, "checkpoint_every_steps": 10}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    single = str(tmp_path / "single")
+    done = subprocess.run(digits_main_command(single, digits_dir, overrides), cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    multi = str(tmp_path / "multi")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(digits_main_command(multi, digits_dir, overrides) +
+                              [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "on 4 device(s)" in outputs[0] and "Training" not in outputs[1]  # only process 0 reports
+    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-4)
+    from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    for a, b in zip(jax.tree.leaves(checkpoint.load_params(multi)), jax.tree.leaves(checkpoint.load_params(single))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_distributed_flags_go_together():
+    with pytest.raises(ValueError, match="go together"):
+        sharding.initialize_distributed("127.0.0.1:1234", None, 0)
+    assert not sharding.initialize_distributed(environ={"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
