@@ -82,6 +82,7 @@ def base() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # devices that share (shard) the parameters and optimizer state; the rest is data parallel
 
     c.batch_size = 2048  # global, over all devices and processes
+    c.accum_steps = 1  # micro-batches per step: the same update with a 1/accum_steps of the activation memory
     c.eval_batch_size = 1024
     c.total_epochs = 400.0
     c.total_steps = config_dict.placeholder(int)  # overrides total_epochs when set
@@ -206,6 +207,9 @@ def validate(config, num_devices: int = 1) -> None:
         _require(c[key] >= 1 and c[key] % num_devices == 0, key, c[key],
                  f"must be a positive multiple of the device count {num_devices}")
     _require(c.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", c.on_nonfinite, f"use one of {NONFINITE_POLICIES}")
+    _require(c.accum_steps >= 1 and c.batch_size % (c.accum_steps * num_devices) == 0, "accum_steps",
+             c.accum_steps, f"must divide batch_size={c.batch_size} into micro-batches that are a multiple of "
+             f"the device count {num_devices}")
     _require(c.total_epochs > 0 and math.isfinite(c.total_epochs), "total_epochs", c.total_epochs, "must be > 0")
     _require(c.total_steps is None or c.total_steps >= 1, "total_steps", c.total_steps, "must be >= 1 or None")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):

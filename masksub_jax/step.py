@@ -52,13 +52,37 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
         return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption)
 
+    def micro_batch_grads(params, images, targets, rng, index):
+        """MaskSub gradient of micro-batch `index`: its own dropout / drop-path draws, and the kept
+        tokens its examples would get in the whole batch."""
+        def micro_forward(params, images, rng, **corruption):
+            return forward(params, images, jax.random.fold_in(rng, index), **corruption)
+        return masksub.grads(params, micro_forward, images, targets, rng, loss=loss, mode=config.masksub.mode,
+                             ratio=config.masksub.ratio, num_tokens=num_tokens,
+                             memory_lean=config.masksub.memory_lean, first_example=index * images.shape[0])
+
+    def accumulated_grads(params, images, targets, rng):
+        """The batch's gradient as the mean over `accum_steps` micro-batches (less activation memory)."""
+        accum = config.accum_steps
+        if accum == 1:
+            return micro_batch_grads(params, images, targets, rng, 0)
+        split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
+
+        def body(grad_sum, micro):
+            index, images, targets = micro
+            (total, aux), grads = micro_batch_grads(params, images, targets, rng, index)
+            return jax.tree.map(jnp.add, grad_sum, grads), (total, aux)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, (totals, aux) = jax.lax.scan(body, zeros, (jnp.arange(accum), split(images), split(targets)))
+        aux = {"logits_main": aux["logits_main"].reshape(-1, aux["logits_main"].shape[-1]),
+               "loss_main": aux["loss_main"].mean(), "loss_sub": aux["loss_sub"].mean()}
+        return (totals.mean(), aux), jax.tree.map(lambda g: g / accum, grad_sum)
+
     def train_step(state, batch, rng):
         rng_mix, rng_loss = jax.random.split(rng)
         images, targets = mixing.mix(rng_mix, normalise(batch["image"]), batch["label"], num_classes=num_classes,
                                      label_smoothing=config.label_smoothing, **config.mixup.to_dict())
-        (total, aux), grads = masksub.grads(state["params"], forward, images, targets, rng_loss, loss=loss,
-                                            mode=config.masksub.mode, ratio=config.masksub.ratio,
-                                            num_tokens=num_tokens, memory_lean=config.masksub.memory_lean)
+        (total, aux), grads = accumulated_grads(state["params"], images, targets, rng_loss)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state, "rng": state["rng"]}
