@@ -11,12 +11,12 @@ What keeps a run from being lost here:
 Nothing is unpickled: Orbax stores arrays with TensorStore and metadata as JSON.
 """
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -29,8 +29,13 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the earlier ones are intact."""
 
 
+def path(workdir: str) -> epath.Path:
+    """The workdir as a path that local directories and gs:// buckets both support."""
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return str(path(workdir) / "checkpoints")
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -135,11 +140,11 @@ def _implausible(state, step: int) -> str | None:
 
 def _set_aside(mngr, step: int, problem: str, say) -> None:
     """Moves a damaged step to WORKDIR/damaged_checkpoints/STEP-TIME (process 0) and says so."""
-    source = os.path.join(str(mngr.directory), str(step))
-    target = os.path.join(os.path.dirname(str(mngr.directory)), DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    source = epath.Path(mngr.directory) / str(step)
+    target = epath.Path(mngr.directory).parent / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(source, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
         say(f"WARNING: the checkpoint of step {step} is damaged: {problem}. Moved it to {target} "
             "(not deleted); trying the next older checkpoint.")
     if jax.process_count() > 1:
@@ -165,10 +170,10 @@ def load_params(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
                                 f"it has steps {sorted(steps)}.")
     # The manager saved one unnamed item, which Orbax stores in the step's "default" folder.
-    path = os.path.join(checkpoint_dir(workdir), str(step), "default")
+    item = os.path.join(checkpoint_dir(workdir), str(step), "default")
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
+    tree = checkpointer.metadata(item).item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+    restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
         item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
     return restored["params"]

@@ -225,21 +225,23 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 def save_params(params, directory: str) -> None:
     """Writes a parameter tree as the Orbax checkpoint that `config.init_from` reads."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    ocp.PyTreeCheckpointer().save(os.path.abspath(directory), {"params": params})
+    from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    ocp.PyTreeCheckpointer().save(str(checkpoint.path(directory)), {"params": params})
 
 
 def read_params(path: str) -> dict:
     """The parameters that `config.init_from` names: a directory written by this module's CLI, or a
     training workdir (its newest checkpoint). NumPy arrays."""
     from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if (checkpoint.path(path) / "checkpoints").exists():
         return checkpoint.load_params(path)
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     try:
         checkpointer = ocp.PyTreeCheckpointer()
-        tree = checkpointer.metadata(os.path.abspath(path)).item_metadata.tree
+        directory = str(checkpoint.path(path))
+        tree = checkpointer.metadata(directory).item_metadata.tree
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(os.path.abspath(path), restore_args=as_numpy)["params"]
+        return checkpointer.restore(directory, restore_args=as_numpy)["params"]
     except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(
             f"config.init_from={path!r} is neither a training workdir nor weights written by "

@@ -1,24 +1,31 @@
 """Where metrics go: TensorBoard events and a plain JSON-lines file in the workdir, and the console."""
 import datetime
 import json
-import os
 import time
 
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends one JSON object per `write_scalars` call to a file: {"step": ..., name: value, ...}.
-    Only scalars and hparams go here; images, audio and the like are for TensorBoard."""
+    """One JSON object per `write_scalars` call, a line each: {"step": ..., name: value, ...}.
+    Only scalars and hparams go here; images, audio and the like are for TensorBoard.
+
+    The lines are kept and the whole file rewritten at each flush (the trainer flushes at every log
+    step), because object stores (gs://) cannot append; a run's metrics are a few thousand lines."""
 
     def __init__(self, path: str):
-        self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+        self._path = epath.Path(path)
+        self._text = self._path.read_text() if self._path.exists() else ""
+
+    def _add(self, obj, **kwargs):
+        self._text += json.dumps(obj, **kwargs) + "\n"
 
     def write_scalars(self, step, scalars):
-        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._add({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
 
     def write_hparams(self, hparams):
-        self._file.write(json.dumps({"hparams": hparams}, default=str) + "\n")
+        self._add({"hparams": hparams}, default=str)
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -39,10 +46,14 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        self._file.flush()
+        """Writes all lines to a temporary file that then replaces the file: a kill mid-write
+        leaves the previous version, never a cut one."""
+        partial = self._path.parent / (self._path.name + ".partial")
+        partial.write_text(self._text)
+        partial.replace(self._path)
 
     def close(self):
-        self._file.close()
+        self.flush()
 
 
 def make_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
@@ -50,8 +61,8 @@ def make_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
     if not is_chief:
         return metric_writers.MultiWriter([])
     return metric_writers.MultiWriter([
-        metric_writers.SummaryWriter(os.path.join(workdir, "tb")),
-        JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+        metric_writers.SummaryWriter(str(epath.Path(workdir) / "tb")),
+        JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl")),
     ])
 
 

@@ -4,7 +4,6 @@ returns the final metrics and resumes from the newest checkpoint in `workdir` by
 """
 import functools
 import json
-import os
 import time
 
 import jax
@@ -35,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say = functools.partial(_say, is_chief)
     _check_writable(workdir)
     _check_same_run(config, workdir)
-    summary_path = os.path.join(workdir, "summary.json")
+    summary_path = checkpoint.path(workdir) / "summary.json"
 
     # ----------------------------------------------------------------------------------------------
     # Device mesh (data x fsdp): the batch is split over all devices, large state arrays over fsdp.
@@ -83,9 +82,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             say(f"Initialised the parameters from {config.init_from}.")
     else:
         start_step = int(jax.device_get(state["step"]))
-        if start_step >= total_steps and os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                summary = json.load(f)
+        if start_step >= total_steps and summary_path.exists():
+            summary = json.loads(summary_path.read_text())
             say(f"Run in {workdir} already finished at step {start_step}: "
                 f"top1 {summary['top1']:.4f}. Nothing to do.")
             return summary
@@ -133,10 +131,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 window = []
                 scalars["examples_per_s"] = progress.rate(step) * config.batch_size
                 writer.write_scalars(step, scalars)
+                writer.flush()
                 say(progress.line(step, scalars, scalars["examples_per_s"] / config.batch_size))
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
                 result = evaluate(state["params"])
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+                writer.flush()
                 say(f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
             if save_now:
                 checkpoint.save(mngr, state, force=preempted)
@@ -153,8 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
     summary = {"step": step, **result, "wall_s": time.time() - start_time}
     if is_chief:
-        with open(summary_path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        summary_path.write_text(json.dumps(summary, indent=1))
     say(f"Finished at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
         f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
         f"Summary: {summary_path}")
@@ -183,11 +182,10 @@ def _fetch_and_check(pending, policy: str, mngr, say) -> list[dict]:
 
 def _check_writable(workdir: str) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w", encoding="utf-8"):
-            pass
-        os.remove(probe)
+        checkpoint.path(workdir).mkdir(parents=True, exist_ok=True)
+        probe = checkpoint.path(workdir) / f".write_test_{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
         raise OSError(f"Cannot write to --workdir={workdir}: {e}. Use a directory this process can "
                       "create and write to.") from None
@@ -208,11 +206,10 @@ _RUN_DEFINING = ("seed", "model.variant", "data.source", "data.name", "data.imag
 
 def _check_same_run(config, workdir: str) -> None:
     """Writes WORKDIR/config.json; refuses to resume a workdir trained with a different model or data."""
-    path = os.path.join(workdir, "config.json")
+    path = checkpoint.path(workdir) / "config.json"
     flat = dict(config_lib.flatten(config))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+    if path.exists():
+        saved = json.loads(path.read_text())
         changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != flat[k]]
         if changed:
             raise ValueError(
@@ -220,5 +217,4 @@ def _check_same_run(config, workdir: str) -> None:
                 f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}; now "
                 f"{', '.join(f'{k}={flat[k]!r}' for k in changed)}). Use a new --workdir, or the old values.")
     if jax.process_index() == 0:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(flat, f, indent=1, default=list)
+        path.write_text(json.dumps(flat, indent=1, default=list))

@@ -132,3 +132,9 @@ def test_bfloat16_memory_lean_remat_run_learns(digits_dir, tmp_path):
     assert mixed["step"] == 60 and mixed["top1"] > 0.2  # 10 classes: chance is 0.1
     logged = [m for m in _metrics(str(tmp_path / "bf16")) if "loss" in m]
     assert logged[-1]["loss_main"] < 0.95 * logged[0]["loss_main"]
+
+
+def test_workdir_paths_keep_bucket_urls():
+    """gs:// workdirs stay URLs (a local path would be made absolute and written on each host's disk)."""
+    assert checkpoint.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+    assert checkpoint.checkpoint_dir("runs/x") == os.path.join(os.getcwd(), "runs", "x", "checkpoints")
