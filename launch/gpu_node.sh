@@ -8,20 +8,11 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
-WORKDIR="" DATA_DIR="" CONFIG="configs/vit_b.py" EXTRA=()
 for arg in "$@"; do
-  case "${arg}" in
-    --workdir=*) WORKDIR="${arg#*=}" ;;
-    --data_dir=*) DATA_DIR="${arg#*=}" ;;
-    --config=*) CONFIG="${arg#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --config.*) EXTRA+=("${arg}") ;;
-    *) die "unknown argument ${arg}; see the header of $0" ;;
-  esac
+  common_arg "${arg}" || die "unknown argument ${arg}; see the header of $0"
 done
 [[ -n "${WORKDIR}" ]] || die "--workdir is required"
 
-COMMAND=(python -m masksub_jax.main --config="${CONFIG}" --workdir="${WORKDIR}")
-[[ -n "${DATA_DIR}" ]] && COMMAND+=(--config.data.data_dir="${DATA_DIR}")
+train_command
 # XLA may take all GPU memory up front (the default, fastest); tf.data stays on the CPU.
-run "${COMMAND[@]}" "${EXTRA[@]+"${EXTRA[@]}"}"
+run "${TRAIN[@]}"

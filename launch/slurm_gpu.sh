@@ -11,26 +11,19 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
-NODES="" GPUS=8 WORKDIR="" DATA_DIR="" CONFIG="configs/vit_l.py" PARTITION="" TIME="72:00:00" EXTRA=()
+NODES="" GPUS=8 PARTITION="" TIME="72:00:00" CONFIG="configs/vit_l.py"
 for arg in "$@"; do
+  common_arg "${arg}" && continue
   case "${arg}" in
     --nodes=*) NODES="${arg#*=}" ;;
     --gpus_per_node=*) GPUS="${arg#*=}" ;;
-    --workdir=*) WORKDIR="${arg#*=}" ;;
-    --data_dir=*) DATA_DIR="${arg#*=}" ;;
-    --config=*) CONFIG="${arg#*=}" ;;
     --partition=*) PARTITION="${arg#*=}" ;;
     --time=*) TIME="${arg#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --config.*) EXTRA+=("${arg}") ;;
     *) die "unknown argument ${arg}; see the header of $0" ;;
   esac
 done
 [[ -n "${NODES}" && -n "${WORKDIR}" ]] || die "--nodes and --workdir are required"
-
-TRAIN="python -m masksub_jax.main --config=${CONFIG} --workdir=${WORKDIR}"
-[[ -n "${DATA_DIR}" ]] && TRAIN+=" --config.data.data_dir=${DATA_DIR}"
-for extra in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" ${extra}"; done
+train_command
 
 SCRIPT="#!/usr/bin/env bash
 #SBATCH --job-name=masksub
@@ -42,7 +35,7 @@ SCRIPT="#!/usr/bin/env bash
 #SBATCH --signal=TERM@300
 ${PARTITION:+#SBATCH --partition=${PARTITION}
 }#SBATCH --output=${WORKDIR}/slurm-%j.out
-srun --kill-on-bad-exit=1 ${TRAIN}
+srun --kill-on-bad-exit=1 ${TRAIN[*]}
 status=\$?
 # 75: saved and stopped on request; requeue so that the run continues.
 if [ \"\${status}\" -eq 75 ]; then scontrol requeue \"\${SLURM_JOB_ID}\"; fi

@@ -13,19 +13,14 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
-NAME="" ZONE="" ACCELERATOR="" WORKDIR="" DATA_DIR="" CONFIG="configs/vit_b.py"
-VERSION="tpu-ubuntu2204-base" EXTRA=()
+NAME="" ZONE="" ACCELERATOR="" VERSION="tpu-ubuntu2204-base"
 for arg in "$@"; do
+  common_arg "${arg}" && continue
   case "${arg}" in
     --name=*) NAME="${arg#*=}" ;;
     --zone=*) ZONE="${arg#*=}" ;;
     --accelerator=*) ACCELERATOR="${arg#*=}" ;;
-    --workdir=*) WORKDIR="${arg#*=}" ;;
-    --data_dir=*) DATA_DIR="${arg#*=}" ;;
-    --config=*) CONFIG="${arg#*=}" ;;
     --version=*) VERSION="${arg#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --config.*) EXTRA+=("${arg}") ;;
     *) die "unknown argument ${arg}; see the header of $0" ;;
   esac
 done
@@ -45,7 +40,6 @@ INSTALL="set -e; mkdir -p masksub_jax && tar -xzf masksub_jax.tar.gz -C masksub_
 && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
 run "${TPU[@]}" ssh "${NAME}" --zone="${ZONE}" --worker=all --command="${INSTALL}"
 
-TRAIN="cd masksub_jax && . .venv/bin/activate && python -m masksub_jax.main --config=${CONFIG} --workdir=${WORKDIR}"
-[[ -n "${DATA_DIR}" ]] && TRAIN+=" --config.data.data_dir=${DATA_DIR}"
-for extra in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" ${extra}"; done
-run "${TPU[@]}" ssh "${NAME}" --zone="${ZONE}" --worker=all --command="${TRAIN}"
+train_command
+run "${TPU[@]}" ssh "${NAME}" --zone="${ZONE}" --worker=all \
+  --command="cd masksub_jax && . .venv/bin/activate && ${TRAIN[*]}"
