@@ -123,10 +123,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append((step, step_metrics))
             preempted = watch.reached(step)
             save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-            if step % config.log_every_steps == 0 or step == total_steps or save_now:
+            log_now = step % config.log_every_steps == 0 or step == total_steps
+            if log_now or save_now:  # no NaN check is skipped before a save
                 window += _fetch_and_check(pending, config.on_nonfinite, mngr, say)
                 pending = []
-            if step % config.log_every_steps == 0 or step == total_steps:
+            if log_now:
                 scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                 window = []
                 scalars["examples_per_s"] = progress.rate(step) * config.batch_size
