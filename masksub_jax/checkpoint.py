@@ -129,13 +129,20 @@ def _shapes(tree) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
 
 
+@jax.jit
+def _finite_leaves(state):
+    """Per floating-point leaf, whether it is all finite: one device computation, one host read."""
+    return jax.tree.map(lambda x: jax.numpy.isfinite(x).all(),
+                        {k: v for k, v in state.items() if k != "rng"})
+
+
 def _implausible(state, step: int) -> str | None:
-    if int(jax.device_get(state["step"])) != step:
-        return f"it holds step {int(jax.device_get(state['step']))}, not {step}"
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not bool(jax.numpy.isfinite(leaf).all()):
-            return f"{jax.tree_util.keystr(path)} holds NaN or Inf"
-    return None
+    saved_step = int(jax.device_get(state["step"]))
+    if saved_step != step:
+        return f"it holds step {saved_step}, not {step}"
+    finite = jax.device_get(_finite_leaves(state))
+    bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
+    return f"{bad[0]} holds NaN or Inf" if bad else None
 
 
 def _set_aside(mngr, step: int, problem: str, say) -> None:
@@ -170,10 +177,15 @@ def load_params(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
                                 f"it has steps {sorted(steps)}.")
     # The manager saved one unnamed item, which Orbax stores in the step's "default" folder.
-    item = os.path.join(checkpoint_dir(workdir), str(step), "default")
+    return params_from(os.path.join(checkpoint_dir(workdir), str(step), "default"))
+
+
+def params_from(directory: str) -> dict:
+    """The "params" entry of the Orbax pytree checkpoint in `directory` (a train state, or weights
+    written by `convert.save_params`), as NumPy arrays, without reading the rest."""
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(item).item_metadata.tree
+    tree = checkpointer.metadata(directory).item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
         item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
     return restored["params"]

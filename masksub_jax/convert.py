@@ -16,7 +16,6 @@ import os
 import re
 import sys
 
-import jax
 import numpy as np
 
 from masksub_jax.models import vit
@@ -235,13 +234,8 @@ def read_params(path: str) -> dict:
     from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
     if (checkpoint.path(path) / "checkpoints").exists():
         return checkpoint.load_params(path)
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     try:
-        checkpointer = ocp.PyTreeCheckpointer()
-        directory = str(checkpoint.path(path))
-        tree = checkpointer.metadata(directory).item_metadata.tree
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(directory, restore_args=as_numpy)["params"]
+        return checkpoint.params_from(str(checkpoint.path(path)))
     except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(
             f"config.init_from={path!r} is neither a training workdir nor weights written by "
