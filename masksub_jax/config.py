@@ -15,6 +15,7 @@ from masksub_jax.models import vit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("digits", "synthetic", "tfds")
+AUGMENT_RECIPES = ("3augment", "crop_flip")
 DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
 OPTIONAL = {"data.data_dir": str, "total_steps": int, "init_from": str}  # keys whose default is None
@@ -33,7 +34,13 @@ def base() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.image_size = 224
     c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop
-    c.data.shuffle_buffer = 10_000
+    # source=tfds only. Train augmentation after random-resized-crop + flip: "3augment" (DeiT-III:
+    # one of grayscale / solarize / blur, then colour jitter), a timm RandAugment spec such as
+    # "rand-m9-mstd0.5-inc1", or "crop_flip" (colour jitter only). See data/augment.py.
+    c.data.augment = "3augment"
+    c.data.color_jitter = 0.3  # brightness, contrast and saturation strength; 0 = none; unused with RandAugment
+    c.data.random_erasing = 0.0  # probability per image (timm, pixel mode), applied on the device
+    c.data.repeated_aug = 3  # source=tfds: copies of each image per epoch (DeiT's RASampler); 1 = off
     c.data.on_corrupt_image = "fail"  # source=tfds: "fail" naming the example's id, or "skip" it with a warning
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
@@ -173,7 +180,17 @@ def validate(config, num_devices: int = 1) -> None:
     _require(0 < c.data.crop_ratio <= 1, "data.crop_ratio", c.data.crop_ratio, "must be in (0, 1]")
     _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,
              "use 'fail' or 'skip'")
-    _require(c.data.shuffle_buffer >= 1, "data.shuffle_buffer", c.data.shuffle_buffer, "must be >= 1")
+    if c.data.augment not in AUGMENT_RECIPES:
+        from masksub_jax.data import randaugment  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+        try:
+            randaugment.parse(c.data.augment)
+        except ValueError as e:
+            raise ValueError(f"Config data.augment={c.data.augment!r} is invalid: use one of {AUGMENT_RECIPES} "
+                             f"or a RandAugment spec. {e}") from None
+    _require(0 <= c.data.color_jitter < 1, "data.color_jitter", c.data.color_jitter, "must be in [0, 1)")
+    _require(0 <= c.data.random_erasing <= 1, "data.random_erasing", c.data.random_erasing, "must be in [0, 1]")
+    _require(1 <= c.data.repeated_aug <= c.batch_size, "data.repeated_aug", c.data.repeated_aug,
+             "must be >= 1 (1 = off) and at most batch_size")
     _require(len(c.data.mean) == len(c.data.std) and all(s > 0 for s in c.data.std), "data.std",
              c.data.std, "give one positive std per channel, as many as data.mean")
     for key in ("num_classes", "num_train_examples", "num_eval_examples"):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from masksub_jax import losses, masksub, mixing, optim
+from masksub_jax import erasing, losses, masksub, mixing, optim
 from masksub_jax.models import vit
 
 
@@ -43,7 +43,7 @@ def _normaliser(config):
 
 
 def make_train_step(config, model, tx, schedule, num_classes: int):
-    """Mixup once, then the MaskSub loss's gradient, then one optimizer update."""
+    """Random erasing and mixup once, then the MaskSub loss's gradient, then one optimizer update."""
     normalise = _normaliser(config)
     loss = losses.LOSSES[config.loss]
     num_tokens = vit.num_patches(config.data.image_size, vit.parse_variant(config.model.variant)[3])
@@ -80,7 +80,8 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
 
     def train_step(state, batch, rng):
         rng_mix, rng_loss = jax.random.split(rng)
-        images, targets = mixing.mix(rng_mix, normalise(batch["image"]), batch["label"], num_classes=num_classes,
+        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]), config.data.random_erasing)
+        images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
                                      label_smoothing=config.label_smoothing, **config.mixup.to_dict())
         (total, aux), grads = accumulated_grads(state["params"], images, targets, rng_loss)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -202,7 +202,9 @@ def _say(is_chief: bool, line: str) -> None:
 
 
 # What cannot change between a run and its resumption without breaking the checkpoint or the run.
-_RUN_DEFINING = ("seed", "model.variant", "data.source", "data.name", "data.image_size", "batch_size")
+# The data order and augmentations are a function of these and the step (data/tfds_source.py).
+_RUN_DEFINING = ("seed", "model.variant", "data.source", "data.name", "data.train_split", "data.image_size",
+                 "data.augment", "data.color_jitter", "data.repeated_aug", "batch_size")
 
 
 def _check_same_run(config, workdir: str) -> None:

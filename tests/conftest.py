@@ -4,6 +4,8 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # pylint: disable=wrong-import-position
+
 import pytest  # pylint: disable=wrong-import-position
 
 from masksub_jax import config as config_lib  # pylint: disable=wrong-import-position
@@ -60,3 +62,17 @@ def digits_main_command(workdir: str, data_dir: str, overrides: dict) -> list[st
     import sys  # pylint: disable=import-outside-toplevel
     flags = [f"--config.{k}={v}" for k, v in {**overrides, "data.data_dir": data_dir}.items()]
     return [sys.executable, "-m", "masksub_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *flags]
+
+
+@contextlib.contextmanager
+def mock_imagenet(num_examples: int):
+    """tfds.testing.mock_data's imagenet2012 (random JPEGs of any shape, 1000 classes), read by index.
+
+    TFDS 4.9.10's mock sets `__getitems__` on a MagicMock instance, where it is not bound as a
+    method; here batches are read one example at a time instead.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    with pytest.MonkeyPatch.context() as patch, tfds.testing.mock_data(num_examples=num_examples):
+        patch.setattr(tfds.core.data_sources.base.BaseDataSource, "__getitems__",
+                      lambda self, keys: [self[k] for k in keys])
+        yield

@@ -1,4 +1,4 @@
-"""A TFDS data set of real JPEGs with one truncated image: reported by its id, or skipped."""
+"""A TFDS data set of real JPEGs with one truncated image: reported by its index, or skipped."""
 import io
 
 import numpy as np
@@ -38,25 +38,25 @@ class CorruptJpegs(tfds.core.GeneratorBasedBuilder):
 @pytest.fixture(scope="module")
 def jpeg_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("jpegs"))
-    CorruptJpegs(data_dir=data_dir).download_and_prepare()
+    CorruptJpegs(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return data_dir
 
 
 def _split_by_decodability(data_dir, split):
-    """(TFDS ids of the images TensorFlow cannot decode, labels of the others), one by one in order."""
-    ds = CorruptJpegs(data_dir=data_dir).as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()},
-                                                    read_config=tfds.ReadConfig(add_tfds_id=True))
+    """(indices of the images TensorFlow cannot decode, labels of the others), one by one in order."""
+    records = CorruptJpegs(data_dir=data_dir).as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     bad, good_labels = [], []
-    for example in ds:
+    for index in range(len(records)):
+        example = records[index]
         try:
             tf.io.decode_jpeg(example["image"])
             good_labels.append(int(example["label"]))
         except tf.errors.InvalidArgumentError:
-            bad.append(example["tfds_id"].numpy().decode())
+            bad.append(index)
     return bad, good_labels
 
 
-def _corrupt_id(data_dir, split):
+def _corrupt_index(data_dir, split):
     bad, _ = _split_by_decodability(data_dir, split)
     assert len(bad) == 1
     return bad[0]
@@ -70,9 +70,9 @@ def _config(data_dir, **overrides):
                                                            **overrides})
 
 
-def test_corrupt_image_fails_the_run_naming_its_id(jpeg_dir, tmp_path):
+def test_corrupt_image_fails_the_run_naming_its_index(jpeg_dir, tmp_path):
     with pytest.raises(pipeline.CorruptImageError,
-                       match=rf"cannot be decoded\) in the TFDS example {_corrupt_id(jpeg_dir, 'train')}\. .*skip"):
+                       match=rf"cannot be decoded\) in example\(s\) {_corrupt_index(jpeg_dir, 'train')} of split 'train'.*skip"):
         train.run(_config(jpeg_dir), str(tmp_path))
 
 
@@ -81,8 +81,8 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(jpeg_dir, tmp_path, c
     assert summary["step"] == 4
     assert summary["eval_examples"] == NUM_EXAMPLES - 1  # every good example evaluated once
     err = capfd.readouterr().err
-    assert f'TFDS example "{_corrupt_id(jpeg_dir, "validation")}" - skipped' in err
-    assert f'TFDS example "{_corrupt_id(jpeg_dir, "train")}" - skipped' in err
+    assert f"example(s) {_corrupt_index(jpeg_dir, 'validation')} of split 'validation' of 'corrupt_jpegs' - skipped" in err
+    assert f"example(s) {_corrupt_index(jpeg_dir, 'train')} of split 'train' of 'corrupt_jpegs' - skipped" in err
 
 
 def test_good_examples_all_arrive_in_order_with_their_labels(jpeg_dir):

@@ -7,10 +7,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from masksub_jax import checkpoint, train
-from tests.conftest import tiny_digits_config
+from tests.conftest import mock_imagenet, tiny_digits_config
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_trainer_on_mock_imagenet(tmp_path):
                                 batch_size=8, eval_batch_size=8,
                                 **{"data.source": "tfds", "data.image_size": 32, "data.mean": (0.5,) * 3,
                                    "data.std": (0.5,) * 3, "model.variant": "mu/8"})
-    with tfds.testing.mock_data(num_examples=10):
+    with mock_imagenet(num_examples=10):
         summary = train.run(config, str(tmp_path / "w"))
     assert summary["step"] == 2 and summary["eval_examples"] == 10
 

@@ -5,14 +5,13 @@ Sources:
   digits:    the embedded data set (`data/digits.py`), in memory.
   synthetic: a deterministic learnable data set of any image size and class count, in memory, for
              smoke tests and benchmarks.
-  tfds:      any TFDS image-classification data set by name, streamed with tf.data. Train: random
-             resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip. Eval: resize the
-             shorter side to image_size / crop_ratio (bicubic), centre crop.
+  tfds:      any TFDS image-classification data set by name, read by example index with tf.data
+             (`tfds_source.py`), with the DeiT-III recipes' augmentations (`augment.py`,
+             `randaugment.py`) and repeated augmentation.
 
-In-memory sources give the batch of step k as a function of (seed, k): a resumed run sees exactly
-the batches an uninterrupted run sees. The tfds source reseeds its shuffle from the start step, so a
-resumed run continues with fresh (not replayed) batches but not the identical ones.
-Eval batches are padded to full size with `mask` = 0 so every example counts exactly once.
+Every source gives the batch of step k as a function of (seed, k): a resumed run sees exactly the
+batches an uninterrupted run sees. Eval batches are padded to full size with `mask` = 0 so every
+example counts exactly once.
 """
 import math
 from typing import Iterator
