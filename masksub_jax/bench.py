@@ -1,4 +1,5 @@
-"""Benchmarks. `step`: the train step of every MaskSub mode, measured side by side.
+"""Benchmarks. `step`: the train step of every MaskSub mode, measured side by side. `input`: the
+host input pipeline.
 
   python -m masksub_jax.bench step --config=configs/vit_s.py --batch=16 [--dtype=bfloat16]
       [--modes=none,masking,dropout,droppath] [--rounds=5] [--memory_lean] [--json=FILE]
@@ -9,6 +10,14 @@ on a shared machine hits every mode alike; the median is reported. FLOPs are cou
 (3x the forward: forward + backward) and compared with XLA's cost analysis; peak memory is XLA's
 buffer assignment for the compiled step (arguments + outputs + temporaries - donated aliases).
 MFU is given where the device's peak is known.
+
+  python -m masksub_jax.bench input --config=configs/vit_b.py --image_size=224 [--batch=128]
+      [--recipes=3augment,rand-m9-mstd0.5-inc1] [--rounds=30] [--json=FILE]
+
+The train pipeline (`data/tfds_source.py`: read by index, crop-then-decode, the recipe's
+augmentations, batching) on generated JPEGs of ImageNet's typical size (`data/generated.py`,
+built once under --data_dir). `images_per_s_per_core` is images per CPU-second the process used
+(user + system), so it holds however many cores tf.data got; cores_to_feed(rate) = rate / it.
 """
 import json
 import os
@@ -39,10 +48,13 @@ flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES), "Compute dtype (defaul
 flags.DEFINE_list("modes", list(masksub.MODES), "Step kinds to measure.")
 flags.DEFINE_float("ratio", 0.5, "MaskSub ratio of the masking, dropout and droppath modes.")
 flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
-flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs one step of every mode.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs one step of every mode (input: batches, default 30).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps of each mode after compiling.")
 flags.DEFINE_bool("memory_lean", False, "Measure the memory-lean MaskSub order.")
 flags.DEFINE_string("json", None, "Also write the results to this file as a JSON list.")
+flags.DEFINE_list("recipes", ["3augment", "rand-m9-mstd0.5-inc1"], "input: data.augment recipes to measure.")
+flags.DEFINE_string("data_dir", os.path.join(os.path.expanduser("~"), ".cache", "masksub_jax", "generated"),
+                    "input: where the generated JPEG data set is built (once).")
 
 # Dense matmul peak FLOP/s by device kind and dtype (vendor data sheets; float32 on NVIDIA means TF32).
 PEAK_FLOPS = {
@@ -177,26 +189,73 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure_input(config, recipes, *, data_dir: str, rounds: int, generated_config: str = "imagenet_like") -> list[dict]:
+    """Train-pipeline throughput of each recipe on generated JPEGs; one dict per recipe. The batches
+    the pipeline prepares ahead are drawn before the clock starts, so `rounds` are made while timed."""
+    from masksub_jax.data import generated, tfds_source  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    name = generated.prepare(generated_config, data_dir)
+    results = []
+    for recipe in recipes:
+        c = config.copy_and_resolve_references()
+        c.data.source, c.data.name, c.data.data_dir, c.data.augment = "tfds", name, data_dir, recipe
+        config_lib.validate(c)
+        batches = tfds_source.TfdsSource(c).train_batches()
+        for _ in range(tfds_source.STEPS_IN_FLIGHT + 3):
+            next(batches)
+        cpu, start = os.times(), time.perf_counter()
+        for _ in range(rounds):
+            next(batches)
+        wall, cpu_end = time.perf_counter() - start, os.times()
+        cpu_s = (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system)
+        images = rounds * c.batch_size
+        results.append({
+            "recipe": recipe, "image_size": c.data.image_size, "batch": c.batch_size, "images": images,
+            "wall_s": wall, "cpu_s": cpu_s, "images_per_s": images / wall, "images_per_s_per_core": images / cpu_s,
+            "cores_busy": cpu_s / wall, "cores_available": len(os.sched_getaffinity(0)),
+            "data": name, "tensorflow": tf.__version__, "host": platform.node()})
+    return results
+
+
+def format_input_table(results: list[dict], feed_rate: float = 2042.0) -> str:
+    lines = [f"Train input pipeline at {results[0]['image_size']} px, batch {results[0]['batch']}, "
+             f"{results[0]['data']}, {results[0]['cores_available']} cores available",
+             f"{'recipe':<24} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} {f'cores for {feed_rate:.0f} img/s':>22}"]
+    for r in results:
+        lines.append(f"{r['recipe']:<24} {r['images_per_s']:>8.1f} {r['cores_busy']:>10.2f} "
+                     f"{r['images_per_s_per_core']:>10.1f} {feed_rate / r['images_per_s_per_core']:>22.1f}")
+    return "\n".join(lines)
+
+
 def main(argv):
-    if argv[1:] != ["step"]:
-        raise app.UsageError("Usage: python -m masksub_jax.bench step --config=FILE [flags]")
+    if argv[1:] not in (["step"], ["input"]):
+        raise app.UsageError("Usage: python -m masksub_jax.bench step|input --config=FILE [flags]")
     f = flags.FLAGS
     config = f.config
     with config.unlocked():
-        config.batch_size = f.batch or config.batch_size
+        config.batch_size = f.batch or (128 if argv[1] == "input" else config.batch_size)
         config.model.variant = f.variant or config.model.variant
         config.data.image_size = f.image_size or config.data.image_size
         config.model.dtype = f.dtype or config.model.dtype
         config.masksub.memory_lean = f.memory_lean
     config_lib.validate(config, num_devices=1)
+    if argv[1] == "input":
+        results = measure_input(config, f.recipes, data_dir=f.data_dir, rounds=f.rounds if f["rounds"].present else 30)
+        print(format_input_table(results), flush=True)
+        _write_json(results, f.json)
+        return
     unknown = set(f.modes) - set(masksub.MODES)
     if unknown:
         raise app.UsageError(f"Unknown modes {sorted(unknown)}; use some of {masksub.MODES}.")
     results = measure_steps(config, f.modes, ratio=f.ratio, num_classes=f.num_classes, rounds=f.rounds,
                             warmup=f.warmup)
     print(format_table(results), flush=True)
-    if f.json:
-        with open(f.json, "w", encoding="utf-8") as out:
+    _write_json(results, f.json)
+
+
+def _write_json(results, path):
+    if path:
+        with open(path, "w", encoding="utf-8") as out:
             json.dump(results, out, indent=1)
 
 

@@ -61,3 +61,14 @@ def test_memory_lean_does_not_raise_the_compiled_peak_of_masksub():
     baseline, fused_peak, lean_peak = (r["peak_memory_bytes"] for r in fused + lean)
     assert baseline < fused_peak
     assert lean_peak <= 1.01 * fused_peak
+
+
+def test_measure_input_reports_images_per_core(tmp_path):
+    config = tiny_digits_config("/unused", batch_size=12, **{"model.variant": "mu/8", "data.image_size": 32})
+    results = bench.measure_input(config, ["3augment", "rand-m7-mstd0.5"], data_dir=str(tmp_path), rounds=2,
+                                  generated_config="tiny")
+    assert [r["recipe"] for r in results] == ["3augment", "rand-m7-mstd0.5"]
+    for r in results:
+        assert r["images"] == 24 and r["images_per_s"] == pytest.approx(24 / r["wall_s"])
+        assert r["images_per_s_per_core"] == pytest.approx(24 / r["cpu_s"]) and r["cpu_s"] > 0
+    assert "cores for 2042 img/s" in bench.format_input_table(results)
