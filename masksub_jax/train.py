@@ -114,10 +114,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{total_steps} steps of {config.batch_size} on {jax.device_count()} device(s).")
     pending, window = [], []  # step metrics on the device; fetched ones since the last log line
     step = start_step
-    batches = data.train_batches(start_step)
+    batches = pipeline.prefetch(map(to_global, data.train_batches(start_step)), size=2)
     with preemption.Watch(mngr, say) as watch:
         while step < total_steps:
-            state, step_metrics = train_step(state, to_global(next(batches)),
+            state, step_metrics = train_step(state, next(batches),
                                              jax.random.fold_in(state["rng"], step))
             step += 1
             pending.append((step, step_metrics))

@@ -242,3 +242,19 @@ def _settled(reads, quiet_s=0.5, limit_s=20):
         time.sleep(quiet_s)
     assert len(reads) == count, "the pipeline kept reading ahead"
     return count
+
+
+def test_prefetch_keeps_order_and_runs_a_fixed_number_ahead():
+    produced = []
+
+    def items():
+        for i in range(6):
+            produced.append(i)
+            yield i
+    ahead = pipeline.prefetch(items(), size=2)
+    assert produced == []  # nothing before the first request
+    taken = []
+    for item in ahead:
+        taken.append(item)
+        assert len(produced) == min(6, len(taken) + 2)
+    assert taken == list(range(6))

@@ -13,6 +13,8 @@ Every source gives the batch of step k as a function of (seed, k): a resumed run
 batches an uninterrupted run sees. Eval batches are padded to full size with `mask` = 0 so every
 example counts exactly once.
 """
+import collections
+import itertools
 import math
 from typing import Iterator
 
@@ -68,6 +70,16 @@ class ArraySource:
         for i in range(steps):
             chunk = idx[i * local:(i + 1) * local]
             yield pad({"image": self.eval_images[chunk], "label": self.eval_labels[chunk]}, local)
+
+
+def prefetch(items: Iterator, size: int) -> Iterator:
+    """`items` in order, keeping `size` of them produced ahead. For device batches placed with
+    jax.make_array_from_process_local_data (asynchronous), their transfers overlap the steps."""
+    items = iter(items)
+    queue = collections.deque(itertools.islice(items, size))
+    while queue:
+        queue.extend(itertools.islice(items, 1))
+        yield queue.popleft()
 
 
 def pad(batch: Batch, size: int) -> Batch:
