@@ -175,11 +175,13 @@ class TfdsSource:
         bad = np.flatnonzero(~ok[:len(index)])
         if bad.size:
             where = f"example(s) {', '.join(map(str, np.unique(index[bad])))} of split {split!r} of {self.config.data.name!r}"
-            if self.config.data.on_corrupt_image == "fail" or bad.size == len(index):
+            no_donor = train and bad.size == len(index)
+            if self.config.data.on_corrupt_image == "fail" or no_donor:
                 raise CorruptImageError(
                     f"Corrupt image (it cannot be decoded) in {where} (indices in the data set's TFDS order). "
-                    "Replace or remove those examples and prepare the data set again, or set "
-                    "--config.data.on_corrupt_image=skip to leave such examples out.")
+                    "Replace or remove those examples and prepare the data set again" +
+                    (" (no image of this batch decodes, so none can stand in for them)." if no_donor else
+                     ", or set --config.data.on_corrupt_image=skip to leave such examples out."))
             print(f"WARNING: corrupt image (it cannot be decoded) in {where} - skipped.", file=sys.stderr, flush=True)
             if train:
                 good = np.flatnonzero(ok[:len(index)])
