@@ -124,17 +124,13 @@ def test_resumed_iteration_equals_uninterrupted_iteration(jpeg_dir):
     assert not np.array_equal(uninterrupted[0]["image"], uninterrupted[2]["image"])  # new epoch, new draws
 
 
-def _eval_labels_and_batches(data_dir, process_count):
-    per_process = []
-    for p in range(process_count):
-        batches = list(_source(data_dir, p, process_count).eval_batches())
-        per_process.append(batches)
-    return per_process
+def _eval_batches_per_process(data_dir, process_count):
+    return [list(_source(data_dir, p, process_count).eval_batches()) for p in range(process_count)]
 
 
 def test_eval_covers_each_example_once_across_two_processes(jpeg_dir):
     """10 examples, eval batch 8 over 2 processes (4 each): 5 per process in 2 padded batches."""
-    per_process = _eval_labels_and_batches(jpeg_dir, 2)
+    per_process = _eval_batches_per_process(jpeg_dir, 2)
     assert [len(b) for b in per_process] == [2, 2]
     labels = []
     for batches in per_process:

@@ -110,8 +110,8 @@ def grayscale(image):
 
 
 def solarize(image, threshold=128):
-    """Pixels at or above `threshold` are inverted (PIL ImageOps.solarize)."""
-    return tf.where(image >= threshold, 255 - image, image)
+    """Pixels at or above `threshold` (any number; 256 inverts none) are inverted (PIL ImageOps.solarize)."""
+    return tf.where(tf.cast(image, tf.float32) >= threshold, 255 - image, image)
 
 
 def gaussian_blur(image, sigma):

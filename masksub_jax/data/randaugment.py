@@ -93,10 +93,6 @@ def posterize(image, bits):
     return tf.where(bits >= 8, image, tf.cast(tf.cast(image, tf.int32) & mask, tf.uint8))
 
 
-def solarize(image, threshold):
-    return tf.where(tf.cast(image, tf.float32) >= threshold, 255 - image, image)
-
-
 def solarize_add(image, addition, threshold=128):
     """Pixels below `threshold` brightened by `addition` (clipped at 255)."""
     added = tf.cast(tf.minimum(tf.cast(image, tf.float32) + addition, 255), tf.uint8)
@@ -189,8 +185,8 @@ OP_TABLE = {  # name: (op, magnitude -> argument)
     "Rotate": (rotate, lambda m, s: s * m / MAX_LEVEL * 30.0),
     "Posterize": (posterize, lambda m, s: tf.floor(m / MAX_LEVEL * 4)),
     "PosterizeIncreasing": (posterize, lambda m, s: 4 - tf.floor(m / MAX_LEVEL * 4)),
-    "Solarize": (solarize, lambda m, s: tf.floor(m / MAX_LEVEL * 256)),
-    "SolarizeIncreasing": (solarize, lambda m, s: 256 - tf.floor(m / MAX_LEVEL * 256)),
+    "Solarize": (augment.solarize, lambda m, s: tf.floor(m / MAX_LEVEL * 256)),
+    "SolarizeIncreasing": (augment.solarize, lambda m, s: 256 - tf.floor(m / MAX_LEVEL * 256)),
     "SolarizeAdd": (solarize_add, lambda m, s: tf.floor(m / MAX_LEVEL * 110)),
     "Color": (color, _enhance),
     "ColorIncreasing": (color, _enhance_increasing),
