@@ -53,10 +53,10 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption)
 
     def micro_batch_grads(params, images, targets, rng, index):
-        """MaskSub gradient of micro-batch `index`: its own dropout / drop-path draws, and the kept
-        tokens its examples would get in the whole batch."""
+        """MaskSub gradient of micro-batch `index`: its examples get the dropout and drop-path masks
+        and the kept tokens that they would get in the whole batch."""
         def micro_forward(params, images, rng, **corruption):
-            return forward(params, images, jax.random.fold_in(rng, index), **corruption)
+            return forward(params, images, rng, first_example=index * images.shape[0], **corruption)
         return masksub.grads(params, micro_forward, images, targets, rng, loss=loss, mode=config.masksub.mode,
                              ratio=config.masksub.ratio, num_tokens=num_tokens,
                              memory_lean=config.masksub.memory_lean, first_example=index * images.shape[0])

@@ -7,11 +7,12 @@ from masksub_jax import step as step_lib, train
 from tests.conftest import tiny_digits_config
 
 
-def _one_step(accum_steps: int, memory_lean: bool = False):
+def _one_step(accum_steps: int, memory_lean: bool = False, drop: float = 0.0):
     config = tiny_digits_config("/unused", batch_size=16, loss="bce", label_smoothing=0.0, accum_steps=accum_steps,
                                 **{"model.variant": "mu/4", "data.image_size": 16, "data.mean": (0.5,) * 3,
                                    "data.std": (0.5,) * 3, "mixup.mixup_alpha": 0.8, "mixup.cutmix_alpha": 1.0,
-                                   "masksub.memory_lean": memory_lean, "optim.name": "lamb"})
+                                   "masksub.memory_lean": memory_lean, "optim.name": "lamb",
+                                   "model.drop_path": drop, "model.dropout": drop})
     model = step_lib.make_model(config, 10)
     tx, schedule = step_lib.make_optimizer(config, total_steps=10, steps_per_epoch=10)
     state = jax.jit(step_lib.make_init(model, tx, (16, 16, 3)))(jax.random.PRNGKey(0))
@@ -22,10 +23,11 @@ def _one_step(accum_steps: int, memory_lean: bool = False):
     return step(state, batch, jax.random.PRNGKey(3))
 
 
-@pytest.mark.parametrize("accum_steps, memory_lean", [(4, False), (2, True)])
-def test_accumulated_step_equals_the_full_batch_step(accum_steps, memory_lean):
-    full_state, full = _one_step(1)
-    state, metrics = _one_step(accum_steps, memory_lean)
+@pytest.mark.parametrize("accum_steps, memory_lean, drop", [(4, False, 0.0), (2, True, 0.0), (4, False, 0.3)])
+def test_accumulated_step_equals_the_full_batch_step(accum_steps, memory_lean, drop):
+    """With drop-path and dropout too: each example draws its masks by its index in the whole batch."""
+    full_state, full = _one_step(1, drop=drop)
+    state, metrics = _one_step(accum_steps, memory_lean, drop)
     for key in ("loss", "loss_main", "loss_sub", "grad_norm", "accuracy"):
         assert float(metrics[key]) == pytest.approx(float(full[key]), rel=1e-5), key
     # LAMB divides by the gradient's running RMS, which turns rounding in a near-zero gradient into

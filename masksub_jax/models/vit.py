@@ -9,6 +9,8 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
              position embedding, the cls token is always kept.
   dropout:   `dropout_rate` replaces the dropout of the attention projection and both MLP layers.
   droppath:  `drop_path_rate` replaces the drop-path rate of every block.
+`first_example`: the index of images[0] in the step's batch; dropout and drop-path masks are drawn
+per example from it, so a batch split into micro-batches draws what the whole batch would.
 """
 from typing import Any, Optional
 
@@ -77,17 +79,36 @@ def attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per example, rescales the kept ones."""
+def per_example_mask(key, example_ids, keep_prob: float, shape) -> jax.Array:
+    """Bernoulli(keep_prob) masks of `shape` (batch first), example j's drawn from
+    fold_in(key, example_ids[j]): the same whether the batch is whole or split into micro-batches."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+    return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape[1:]))(keys)
+
+
+class Dropout(nn.Module):
+    """Elementwise dropout whose mask is drawn per example (see `per_example_mask`)."""
     rate: float
+    rng_collection = "dropout"
+
+    def mask_shape(self, x):
+        return x.shape
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, example_ids):
         if deterministic or self.rate == 0.0:
             return x
         keep_prob = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("droppath"), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = per_example_mask(self.make_rng(self.rng_collection), example_ids, keep_prob, self.mask_shape(x))
         return jnp.where(mask, x / keep_prob, 0.0).astype(x.dtype)
+
+
+class DropPath(Dropout):
+    """Stochastic depth: drops the whole residual branch per example, rescales the kept ones."""
+    rng_collection = "droppath"
+
+    def mask_shape(self, x):
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
 class Attention(nn.Module):
@@ -96,14 +117,14 @@ class Attention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, example_ids):
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
         qkv = nn.Dense(3 * width, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 3, axis=2)
         out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
         out = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, width))
-        return nn.Dropout(self.dropout)(out, deterministic)
+        return Dropout(self.dropout)(out, deterministic, example_ids)
 
 
 class Mlp(nn.Module):
@@ -112,13 +133,13 @@ class Mlp(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, example_ids):
         width = x.shape[-1]
         x = nn.Dense(self.hidden, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
-        x = nn.Dropout(self.dropout)(x, deterministic)
+        x = Dropout(self.dropout)(x, deterministic, example_ids)
         x = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
-        return nn.Dropout(self.dropout)(x, deterministic)
+        return Dropout(self.dropout)(x, deterministic, example_ids)
 
 
 class Block(nn.Module):
@@ -131,17 +152,17 @@ class Block(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, example_ids):
         width = x.shape[-1]
         scale_init = nn.initializers.constant(self.layerscale_init)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        y = Attention(self.num_heads, self.dropout, self.dtype, name="attn")(y, deterministic)
+        y = Attention(self.num_heads, self.dropout, self.dtype, name="attn")(y, deterministic, example_ids)
         y = self.param("gamma_1", scale_init, (width,)).astype(self.dtype) * y
-        x = x + DropPath(self.drop_path)(y, deterministic)
+        x = x + DropPath(self.drop_path)(y, deterministic, example_ids)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-        y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, deterministic)
+        y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, deterministic, example_ids)
         y = self.param("gamma_2", scale_init, (width,)).astype(self.dtype) * y
-        return x + DropPath(self.drop_path)(y, deterministic)
+        return x + DropPath(self.drop_path)(y, deterministic, example_ids)
 
 
 class ViT(nn.Module):
@@ -160,7 +181,7 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, keep_idx: Optional[jax.Array] = None,
-                 dropout_rate: Optional[float] = None, drop_path_rate: Optional[float] = None):
+                 dropout_rate: Optional[float] = None, drop_path_rate: Optional[float] = None, first_example=0):
         width, depth, heads, patch = parse_variant(self.variant)
         if images.shape[1] % patch or images.shape[2] % patch:
             raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch} "
@@ -175,12 +196,14 @@ class ViT(nn.Module):
         cls = self.param("cls_token", _dense_init, (1, 1, width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
 
+        # Dropout and drop-path draw per example, keyed by its index in the step's batch.
+        example_ids = first_example + jnp.arange(batch)
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         dropout = self.dropout if dropout_rate is None else dropout_rate
         drop_path = self.drop_path if drop_path_rate is None else drop_path_rate
         for i in range(depth):
             x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init, self.dtype,
-                      name=f"blocks_{i}")(x, not train)
+                      name=f"blocks_{i}")(x, not train, example_ids)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
         return logits.astype(jnp.float32)
