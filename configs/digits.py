@@ -8,7 +8,7 @@ from masksub_jax import config as config_lib
 
 
 def get_config(arg=None):
-    del arg
+    config_lib.parse_arg(arg)  # takes no argument: anything after "digits.py:" is an error
     c = config_lib.base()
     c.data.source = "digits"
     c.data.image_size = 8

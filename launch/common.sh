@@ -16,17 +16,32 @@ common_arg() {
   esac
 }
 
-# Sets TRAIN to the trainer's command line for those arguments.
+# Sets TRAIN to the trainer's command line for those arguments (with --cluster where CLUSTER=1: JAX
+# finds the other processes), and TRAIN_QUOTED to the same as one line that a shell reads back word
+# for word.
 train_command() {
   TRAIN=(python -m masksub_jax.main --config="${CONFIG}" --workdir="${WORKDIR}")
+  if [[ "${CLUSTER:-0}" == 1 ]]; then TRAIN+=(--cluster); fi
   if [[ -n "${DATA_DIR}" ]]; then TRAIN+=(--config.data.data_dir="${DATA_DIR}"); fi
   TRAIN+=("${EXTRA[@]+"${EXTRA[@]}"}")
+  # shellcheck disable=SC2034  # read by the scripts that source this file
+  TRAIN_QUOTED=$(quoted "${TRAIN[@]}")
+}
+
+# Its arguments, each quoted for the shell (printf %q), joined by spaces.
+quoted() {
+  local out
+  printf -v out ' %q' "$@"
+  echo "${out# }"
+}
+
+# Dies unless $2 (the value of option $1) is a positive integer.
+positive_int() {
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
 }
 
 run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
+  echo "+ $(quoted "$@")"
   if [[ "${DRY_RUN}" != 1 ]]; then
     "$@"
   fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Submits a multi-node GPU run to SLURM: one task (process) per node driving its GPUs; JAX finds the
-# other processes from SLURM's environment. Requeued jobs resume from the newest checkpoint, and the
-# trainer saves and exits 75 on the SIGTERM that SLURM sends before a preemption or time limit.
+# Submits a multi-node GPU run to SLURM: one task (process) per GPU, as JAX's SLURM support expects:
+# every task sees the node's GPUs and JAX binds it to the GPU of its local rank (SLURM_LOCALID), and
+# finds the other tasks from SLURM's environment (--cluster). Requeued jobs resume from the newest
+# checkpoint, and the trainer saves and exits 75 on the SIGTERM that SLURM sends before a preemption
+# or time limit.
 #
 #   launch/slurm_gpu.sh --nodes=8 --gpus_per_node=8 --workdir=/shared/runs/vit_l \
 #       --data_dir=/shared/tfds [--config=configs/vit_l.py] [--partition=P] [--time=72:00:00] [--dry-run]
@@ -23,19 +25,20 @@ for arg in "$@"; do
   esac
 done
 [[ -n "${NODES}" && -n "${WORKDIR}" ]] || die "--nodes and --workdir are required"
-train_command
+positive_int --nodes "${NODES}"
+positive_int --gpus_per_node "${GPUS}"
+CLUSTER=1 train_command
 
 SCRIPT="#!/usr/bin/env bash
 #SBATCH --job-name=masksub
 #SBATCH --nodes=${NODES}
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node=${GPUS}
 #SBATCH --gpus-per-node=${GPUS}
 #SBATCH --time=${TIME}
 #SBATCH --requeue
 #SBATCH --signal=TERM@300
 ${PARTITION:+#SBATCH --partition=${PARTITION}
-}#SBATCH --output=${WORKDIR}/slurm-%j.out
-srun --kill-on-bad-exit=1 ${TRAIN[*]}
+}srun --kill-on-bad-exit=1 ${TRAIN_QUOTED}
 status=\$?
 # 75: saved and stopped on request; requeue so that the run continues.
 if [ \"\${status}\" -eq 75 ]; then scontrol requeue \"\${SLURM_JOB_ID}\"; fi
@@ -43,8 +46,10 @@ exit \"\${status}\""
 
 echo "${SCRIPT}"
 run mkdir -p "${WORKDIR}"
+# The log path as an argument rather than an #SBATCH line, which cannot quote a space.
+SBATCH=(sbatch --output="${WORKDIR}/slurm-%j.out")
 if [[ "${DRY_RUN}" == 1 ]]; then
-  printf '+ sbatch <<< (the script above)\n'
+  echo "+ $(quoted "${SBATCH[@]}") <<< (the script above)"
 else
-  sbatch <<< "${SCRIPT}"
+  "${SBATCH[@]}" <<< "${SCRIPT}"
 fi

@@ -7,8 +7,9 @@
 #       --workdir=gs://BUCKET/vit_b --data_dir=gs://BUCKET/tfds [--config=configs/vit_b.py] [--dry-run]
 #
 # Steps: create (skipped if the TPU exists), copy this checkout's committed tree (git archive) to
-# every worker and install it there with jax[tpu], train (`python -m masksub_jax.main` on
-# --worker=all; JAX finds the other workers by itself).
+# every worker and install it there with jax[tpu], train (`python -m masksub_jax.main --cluster` on
+# --worker=all: JAX's own TPU detection finds the other workers and starts the runtime that delivers
+# preemption notices).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -40,6 +41,6 @@ INSTALL="set -e; mkdir -p masksub_jax && tar -xzf masksub_jax.tar.gz -C masksub_
 && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
 run "${TPU[@]}" ssh "${NAME}" --zone="${ZONE}" --worker=all --command="${INSTALL}"
 
-train_command
+CLUSTER=1 train_command
 run "${TPU[@]}" ssh "${NAME}" --zone="${ZONE}" --worker=all \
-  --command="cd masksub_jax && . .venv/bin/activate && ${TRAIN[*]}"
+  --command="cd masksub_jax && . .venv/bin/activate && ${TRAIN_QUOTED}"

@@ -3,20 +3,30 @@
 What keeps a run from being lost here:
   - Orbax writes each step into a temporary folder and renames it when complete, so a process killed
     mid-write leaves no half checkpoint under a step's name; such leftovers are removed on restart.
-  - `restore_latest` tries the newest step first. A checkpoint that cannot be restored is moved to
+  - Each checkpoint carries a checksum of every array, computed on the devices before the write and
+    checked after a restore: a flipped bit in a file is found, not trained on.
+  - `Checkpoints.restore_latest` tries the newest step first. A checkpoint that cannot be restored (or
+    a step's name held by something that is no checkpoint folder) is moved to
     WORKDIR/damaged_checkpoints/ (never deleted), with a message naming the step and the cause, and the
     next older one is tried. A checkpoint of a different model is an error that lists the mismatch.
-  - A failed write (disk full, permissions) is raised as `CheckpointWriteError` naming the step and the
-    intact earlier steps.
+  - A failed write (disk full, permissions) is raised as `CheckpointWriteError` naming the step whose
+    write failed and the intact earlier steps; leaving the `Checkpoints` context on any path (an error,
+    Ctrl-C) first finishes the save in flight and closes Orbax's threads.
 Nothing is unpickled: Orbax stores arrays with TensorStore and metadata as JSON.
 """
+import contextlib
+import logging
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from masksub_jax import preemption, sharding
+from masksub_jax import workdir as workdir_lib
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -29,82 +39,198 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the earlier ones are intact."""
 
 
-def path(workdir: str) -> epath.Path:
-    """The workdir as a path that local directories and gs:// buckets both support."""
-    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-
-
 def checkpoint_dir(workdir: str) -> str:
-    return str(path(workdir) / "checkpoints")
+    return str(workdir_lib.path(workdir) / "checkpoints")
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax's INFO and WARNING lines (read-only options, absent optional files) are not the
+    user's business; errors still show."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the newest `keep` steps; saves are asynchronous (`wait_until_finished` before exit)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           enable_async_checkpointing=not read_only,
-                                           cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                           read_only=read_only, enable_async_checkpointing=not read_only,
+                                           cleanup_tmp_directories=not read_only,
+                                           save_interval_steps=0 if read_only else 1)
+    with _quiet_orbax():
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                     item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, *, force: bool = False) -> None:
-    """Starts an asynchronous save. A failure of this or the previous save raises CheckpointWriteError."""
-    step = int(jax.device_get(state["step"]))
-    try:
-        mngr.save(step, args=ocp.args.StandardSave(state), force=force)
-    except Exception as e:  # Orbax re-raises a failed background write at the next call
-        raise _write_error(mngr, step, e) from e
+def _bits(x):
+    """The array's raw bits as uint32 (each element on its own)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
 
 
-def wait(mngr: ocp.CheckpointManager) -> None:
-    """Blocks until the pending save is on disk; raises CheckpointWriteError if it failed."""
-    try:
-        mngr.wait_until_finished()
-    except Exception as e:
-        raise _write_error(mngr, None, e) from e
+@jax.jit
+def fingerprints(state):
+    """Per leaf, sum_i bits_i * w_i mod 2^32 with odd weights w_i that depend on the position i: any
+    one flipped bit changes it (2^b times an odd number is never 0 mod 2^32), and so do moved values.
+    A sharded reduction on the devices: no array leaves them."""
+    def fingerprint(x):
+        position = jnp.zeros(x.shape, jnp.uint32)
+        stride = 1
+        for d in reversed(range(x.ndim)):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[d]
+        weights = (position * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+        return jnp.sum(_bits(x) * weights, dtype=jnp.uint32)
+    return jax.tree.map(fingerprint, state)
 
 
-def _write_error(mngr, step, cause) -> CheckpointWriteError:
-    intact = _finished_steps(mngr)
-    return CheckpointWriteError(
-        f"Writing a checkpoint{'' if step is None else f' (at step {step})'} to {mngr.directory} failed: "
-        f"{type(cause).__name__}: {cause}. The earlier checkpoints are intact (steps {intact}). Free disk "
-        "space or fix the permissions, then rerun the same command to resume from step "
-        f"{max(intact) if intact else 0}.")
+def _fingerprint_record(state) -> dict[str, int]:
+    values = jax.device_get(fingerprints(state))
+    return {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(values)}
 
 
-def _finished_steps(mngr) -> list[int]:
-    try:
-        mngr.reload()
-        return sorted(mngr.all_steps())
-    except Exception:  # pylint: disable=broad-except  (only used to word an error)
-        return []
+class Checkpoints:
+    """The run's checkpoints. Use as a context manager: leaving it on any path finishes the save in
+    flight and closes the manager, so an error or Ctrl-C is the last thing a run prints."""
 
+    def __init__(self, workdir: str, keep: int = 3):
+        self.workdir = workdir
+        self._mngr = manager(workdir, keep)
+        self._pending = None  # the step of the asynchronous save in flight
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: dict, *, say=print) -> dict | None:
-    """The newest restorable checkpoint on `abstract_state`'s shapes and shardings; None if none.
+    def __enter__(self):
+        return self
 
-    Damaged checkpoints are moved aside (see the module docstring) and older ones tried.
-    """
-    for step in sorted(mngr.all_steps(), reverse=True):
+    def __exit__(self, exc_type, exc, tb):
+        with preemption.signals_deferred("finishing the checkpoint write first"):
+            try:
+                self.wait()
+            except CheckpointWriteError:
+                if exc_type is None:
+                    raise
+                # Another error is on its way out; it is the one to report, and it came first.
+            finally:
+                with _quiet_orbax():
+                    self._mngr.close()
+
+    @property
+    def directory(self) -> epath.Path:
+        return epath.Path(self._mngr.directory)
+
+    def steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def describe_latest(self) -> str:
+        step = self.latest_step()
+        return "there is none yet" if step is None else f"the newest is step {step}"
+
+    def reached_preemption(self, step: int) -> bool:
+        return self._mngr.reached_preemption(step)
+
+    def save(self, state: dict, *, force: bool = False) -> None:
+        """Starts an asynchronous save. A failure of this or the previous save raises CheckpointWriteError."""
+        self.wait()  # a failed previous write is reported with its own step
+        step = int(jax.device_get(state["step"]))
+        record = _fingerprint_record(state)
         try:
-            metadata = mngr.item_metadata(step)
+            with preemption.signals_deferred("starting the checkpoint write first"):
+                self._mngr.save(step, args=ocp.args.StandardSave(state), force=force,
+                                custom_metadata={"fingerprints": record})
+                self._pending = step
         except Exception as e:  # pylint: disable=broad-except
-            _set_aside(mngr, step, f"its metadata cannot be read ({type(e).__name__}: {e})", say)
-            continue
-        if metadata is None:
-            _set_aside(mngr, step, "its metadata is missing", say)
-            continue
-        _check_compatible(metadata, abstract_state, step)
+            raise self._write_error(step, e) from None
+
+    def wait(self) -> None:
+        """Blocks until the save in flight is on disk; raises CheckpointWriteError if it failed."""
+        step, self._pending = self._pending, None
         try:
-            state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-            problem = _implausible(state, step)
-        except Exception as e:  # pylint: disable=broad-except
-            problem = f"restoring it failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
-        if problem is None:
-            return state
-        _set_aside(mngr, step, problem, say)
-    return None
+            self._mngr.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises the background write's error)
+            raise self._write_error(step, e) from None
+
+    def _write_error(self, step, cause) -> CheckpointWriteError:
+        intact = self._finished_steps(exclude=step)
+        return CheckpointWriteError(
+            f"Writing the checkpoint{'' if step is None else f' of step {step}'} to {self.directory} failed: "
+            f"{_in_brief(cause)}. The earlier checkpoints are intact (steps {intact}). Free disk space or fix "
+            f"the permissions, then rerun the same command to resume from step {max(intact) if intact else 0}.")
+
+    def _finished_steps(self, exclude) -> list[int]:
+        try:
+            self._mngr.reload()
+            return [s for s in self.steps() if s != exclude]
+        except Exception:  # pylint: disable=broad-except  (only used to word an error)
+            return []
+
+    def restore_latest(self, abstract_state: dict, *, say=print) -> dict | None:
+        """The newest restorable checkpoint on `abstract_state`'s shapes and shardings; None if none.
+
+        Damaged checkpoints are moved aside (see the module docstring) and older ones tried.
+        """
+        self._set_aside_impostors(say)
+        for step in reversed(self.steps()):
+            try:
+                metadata = self._mngr.item_metadata(step)
+            except Exception as e:  # pylint: disable=broad-except
+                self._set_aside(step, f"its metadata cannot be read ({_in_brief(e)})", say)
+                continue
+            if metadata is None:
+                self._set_aside(step, "its metadata is missing", say)
+                continue
+            _check_compatible(metadata, abstract_state, step)
+            try:
+                state = self._mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+                problem = _implausible(state, step) or self._checksum_problem(step, state)
+            except Exception as e:  # pylint: disable=broad-except
+                problem = f"its arrays cannot be read ({_in_brief(e)})"
+            if problem is None:
+                return state
+            self._set_aside(step, problem, say)
+        return None
+
+    def _checksum_problem(self, step: int, state) -> str | None:
+        saved = (self._mngr.metadata(step).custom_metadata or {}).get("fingerprints")
+        if saved is None:
+            return None  # written before checkpoints carried checksums
+        now = _fingerprint_record(state)
+        bad = [k for k in now if saved.get(k) != now[k]]
+        return (f"{len(bad)} array(s) do not match the checksums written with them, e.g. {bad[0]} "
+                "(a damaged file or bit rot)") if bad else None
+
+    def _set_aside_impostors(self, say) -> None:
+        """A step's name held by a regular file: Orbax lists no such step, and its next save of that
+        step would delete the file. Kept, like other damage."""
+        names = [p.name for p in self.directory.iterdir()] if self.directory.exists() else []
+        for name in sorted(n for n in names if n.isdigit() and not (self.directory / n).is_dir()):
+            self._set_aside(int(name), "it is a regular file, not a checkpoint folder", say)
+
+    def _set_aside(self, step: int, problem: str, say) -> None:
+        """Moves a damaged step to WORKDIR/damaged_checkpoints/STEP-TIME (process 0) and says so."""
+        source = self.directory / str(step)
+        target = self.directory.parent / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+            say(f"WARNING: the checkpoint of step {step} is damaged: {problem}. Moved it to {target} "
+                "(not deleted); trying the next older checkpoint.")
+        sharding.barrier(f"set aside checkpoint {step}")
+        self._mngr.reload()
+
+
+def _in_brief(error: Exception) -> str:
+    """An Orbax / TensorStore error's first line, without the object reprs some of them carry."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = " ".join(part for part in first.split() if not part.startswith("<") and "0x" not in part)
+    return f"{type(error).__name__}: {first[:240]}"
 
 
 def _check_compatible(metadata, abstract_state, step: int) -> None:
@@ -145,29 +271,13 @@ def _implausible(state, step: int) -> str | None:
     return f"{bad[0]} holds NaN or Inf" if bad else None
 
 
-def _set_aside(mngr, step: int, problem: str, say) -> None:
-    """Moves a damaged step to WORKDIR/damaged_checkpoints/STEP-TIME (process 0) and says so."""
-    source = epath.Path(mngr.directory) / str(step)
-    target = epath.Path(mngr.directory).parent / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if jax.process_index() == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source.rename(target)
-        say(f"WARNING: the checkpoint of step {step} is damaged: {problem}. Moved it to {target} "
-            "(not deleted); trying the next older checkpoint.")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
-    mngr.reload()
-
-
 def load_params(workdir: str, step: int | None = None) -> dict:
     """The parameter pytree of the newest (or the given) checkpoint in `workdir`, as NumPy arrays.
 
     For evaluation, conversion, notebooks and comparisons; needs neither the config nor a device
     layout.
     """
-    mngr = manager(workdir, read_only=True)
-    steps = mngr.all_steps()
+    steps = manager(workdir, read_only=True).all_steps()
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}; train first with "
                                 f"`python -m masksub_jax.main --config=... --workdir={workdir}`.")
@@ -184,8 +294,9 @@ def params_from(directory: str) -> dict:
     """The "params" entry of the Orbax pytree checkpoint in `directory` (a train state, or weights
     written by `convert.save_params`), as NumPy arrays, without reading the rest."""
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(directory).item_metadata.tree
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
+    with _quiet_orbax():
+        tree = checkpointer.metadata(directory).item_metadata.tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
     return restored["params"]

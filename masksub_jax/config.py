@@ -4,6 +4,7 @@ Configs under `configs/` start from `base()` (or `deit3_pretraining()`) and chan
 `validate` checks every key's type and range and names the key in its error, before anything is
 compiled; keys that `base()` does not have are rejected.
 """
+import difflib
 import math
 
 import ml_collections
@@ -130,7 +131,8 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+            raise ValueError(f"Unknown config argument {key!r} (in CONFIG_FILE:{arg}); "
+                             + (f"this config takes {sorted(defaults)}." if defaults else "this config takes none."))
         out[key] = type(defaults[key])(value)
     return out
 
@@ -143,12 +145,21 @@ def flatten(c, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def unknown_key_message(key: str) -> str:
+    """What to say of a key that `base()` does not have: the closest known key, and its siblings."""
+    schema = dict(flatten(base()))
+    close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+    siblings = sorted(k for k in schema if k.rpartition(".")[0] == key.rpartition(".")[0])
+    return (f"Unknown config key {key!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+            + (f" Known keys here: {siblings}." if siblings else
+               " All keys and their defaults: masksub_jax/config.py."))
+
+
 def _check_types(config):
     schema = dict(flatten(base()))
     for key, value in flatten(config):
         if key not in schema:
-            siblings = sorted(k for k in schema if k.rpartition(".")[0] == key.rpartition(".")[0])
-            raise ValueError(f"Unknown config key {key!r}. Known keys here: {siblings}.")
+            raise ValueError(unknown_key_message(key))
         expected = OPTIONAL.get(key, type(schema[key]))
         if value is None and key in OPTIONAL:
             continue

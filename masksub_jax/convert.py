@@ -224,18 +224,18 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 def save_params(params, directory: str) -> None:
     """Writes a parameter tree as the Orbax checkpoint that `config.init_from` reads."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
-    ocp.PyTreeCheckpointer().save(str(checkpoint.path(directory)), {"params": params})
+    from masksub_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    ocp.PyTreeCheckpointer().save(str(workdir_lib.path(directory)), {"params": params})
 
 
 def read_params(path: str) -> dict:
     """The parameters that `config.init_from` names: a directory written by this module's CLI, or a
     training workdir (its newest checkpoint). NumPy arrays."""
-    from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
-    if (checkpoint.path(path) / "checkpoints").exists():
+    from masksub_jax import checkpoint, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    if (workdir_lib.path(path) / "checkpoints").exists():
         return checkpoint.load_params(path)
     try:
-        return checkpoint.params_from(str(checkpoint.path(path)))
+        return checkpoint.params_from(str(workdir_lib.path(path)))
     except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(
             f"config.init_from={path!r} is neither a training workdir nor weights written by "

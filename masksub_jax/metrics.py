@@ -6,17 +6,24 @@ import time
 from clu import metric_writers
 from etils import epath
 
+from masksub_jax import workdir as workdir_lib
+
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """One JSON object per `write_scalars` call, a line each: {"step": ..., name: value, ...}.
-    Only scalars and hparams go here; images, audio and the like are for TensorBoard.
+    """One JSON object per `write_scalars` call, a line each: {"step": ..., name: value, ...}, and
+    one {"hparams": ...} line per run. Only scalars and hparams go here; images, audio and the like
+    are for TensorBoard.
 
+    A run resumed at `start_step` keeps the lines up to that step and drops the later ones, which
+    the restored state never reached (the steps after its checkpoint are trained, and logged, again).
     The lines are kept and the whole file rewritten at each flush (the trainer flushes at every log
     step), because object stores (gs://) cannot append; a run's metrics are a few thousand lines."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, start_step: int = 0):
         self._path = epath.Path(path)
-        self._text = self._path.read_text() if self._path.exists() else ""
+        old = self._path.read_text().splitlines() if self._path.exists() else []
+        kept = [line for line in old if start_step and json.loads(line).get("step", 0) <= start_step]
+        self._text = "".join(line + "\n" for line in kept)
 
     def _add(self, obj, **kwargs):
         self._text += json.dumps(obj, **kwargs) + "\n"
@@ -25,7 +32,9 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._add({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
 
     def write_hparams(self, hparams):
-        self._add({"hparams": hparams}, default=str)
+        """Once per run: a resumed run keeps the line it started with."""
+        if '{"hparams": ' not in self._text:
+            self._add({"hparams": hparams}, default=str)
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -46,23 +55,21 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        """Writes all lines to a temporary file that then replaces the file: a kill mid-write
-        leaves the previous version, never a cut one."""
-        partial = self._path.parent / (self._path.name + ".partial")
-        partial.write_text(self._text)
-        partial.replace(self._path)
+        """Atomically: a kill mid-write leaves the previous version, never a cut one."""
+        workdir_lib.write_text(self._path, self._text)
 
     def close(self):
         self.flush()
 
 
-def make_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
-    """TensorBoard events under WORKDIR/tb and WORKDIR/metrics.jsonl, on the chief process only."""
+def make_writer(workdir: str, is_chief: bool, start_step: int = 0) -> metric_writers.MetricWriter:
+    """TensorBoard events under WORKDIR/tb and WORKDIR/metrics.jsonl (kept up to `start_step`), on the
+    chief process only."""
     if not is_chief:
         return metric_writers.MultiWriter([])
     return metric_writers.MultiWriter([
         metric_writers.SummaryWriter(str(epath.Path(workdir) / "tb")),
-        JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl")),
+        JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl"), start_step),
     ])
 
 

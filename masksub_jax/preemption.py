@@ -1,55 +1,112 @@
-"""Notice of preemption, so that the trainer can save and leave before the machine goes away.
+"""Stopping on request without losing work.
 
-One process: SIGTERM (what Kubernetes, SLURM, spot VMs and `kill` send) sets a flag; further
-SIGTERMs while the trainer saves are ignored, so they cannot interrupt the checkpoint write. Several
-processes (TPU pods, multi-node GPU): JAX's preemption service, through Orbax, tells every process
-at the same step, which the processes must agree on to save one consistent checkpoint.
+SIGTERM (what Kubernetes, SLURM, spot VMs and `kill` send): during start-up (imports, restore,
+compilation) or the final evaluation the process stops at once, as there is nothing new to save;
+during training it finishes the step, saves a checkpoint and stops. Either way the exit status is 75, so that a scheduler that
+requeues on 75 always requeues. Several processes (TPU pods, multi-node GPU): JAX's preemption
+service, through Orbax, tells every process at the same step, which the processes must agree on to
+save one consistent checkpoint.
+
+Ctrl-C (SIGINT) stops at once; the checkpoint write in flight is finished first (exit 130).
+While a checkpoint write is being started or finished, signals are announced and take effect after.
+
+This module imports nothing heavy: `main.py` installs the start-up handler before anything slow.
 """
+import contextlib
+import os
 import signal
+import sys
 import threading
-
-import jax
 
 # The exit status of a run that saved a checkpoint and stopped because it was told to; rerunning the
 # same command continues it. 75 is EX_TEMPFAIL of sysexits.h: "try again later".
 EXIT_PREEMPTED = 75
+# What shells report for a process ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+_training = {"active": False, "requested": False}
 
 
 class Preempted(Exception):
-    """Raised by `train.run` after the checkpoint of `step` is safely written."""
+    """Raised by `train.run` after the checkpoint of `step` is safely written; its message (step
+    None) is also what a SIGTERM outside the training loop prints."""
 
-    def __init__(self, step: int, workdir: str):
-        super().__init__(f"Preempted: saved the checkpoint of step {step} in {workdir} and stopped. "
-                         "Rerun the same command to continue.")
+    def __init__(self, step: int | None, workdir: str | None = None):
+        if step is None:
+            message = ("Preempted: SIGTERM outside the training loop (start-up or the final evaluation), "
+                       "where every step done is already in a checkpoint. Rerun the same command to continue.")
+        else:
+            message = (f"Preempted: saved the checkpoint of step {step} in {workdir} and stopped. "
+                       "Rerun the same command to continue.")
+        super().__init__(message)
         self.step = step
 
 
-class Watch:
-    """`reached(step)` is True once a preemption notice has arrived. Use as a context manager."""
+def _on_sigterm(signum, frame):  # pylint: disable=unused-argument
+    if not _training["active"]:
+        # Nothing is being written (checkpoint writes finish inside the training loop or under
+        # `signals_deferred`), so leave at once. Raising instead would be lost wherever the handler
+        # happens to run inside a callback (Python ignores exceptions of GC callbacks).
+        print(Preempted(None), flush=True)
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
+    if _training["requested"]:
+        print("SIGTERM again: already stopping after this step; ignored.", flush=True)
+        return
+    _training["requested"] = True
+    print(f"SIGTERM: finishing this step, then saving a checkpoint and exiting with status {EXIT_PREEMPTED}.",
+          flush=True)
 
-    def __init__(self, mngr, say=print):
-        self._mngr, self._say = mngr, say
-        self._signalled = False
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM stops the process with status 75 (see the module docstring)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def signals_deferred(reason: str):
+    """SIGINT and SIGTERM that arrive inside this block take effect when it ends (main thread only),
+    so that what it does (start or finish a checkpoint write) is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+
+    def defer(signum, frame):  # pylint: disable=unused-argument
+        if signum not in arrived:
+            print(f"{signal.Signals(signum).name}: {reason}; it takes effect after that.", flush=True)
+            arrived.append(signum)
+    previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in arrived:
+            signal.raise_signal(signum)
+
+
+class Watch:
+    """`reached(step)` is True once a preemption notice has arrived. Use as a context manager
+    around the training loop."""
+
+    def __init__(self, checkpoints, process_count: int):
+        self._checkpoints, self._process_count = checkpoints, process_count
         self._previous = None
 
     def __enter__(self):
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self._process_count == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        _training.update(active=True, requested=False)
         return self
 
     def __exit__(self, *exc):
+        _training.update(active=False, requested=False)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-        if self._signalled:
-            self._say("SIGTERM again: already saving the checkpoint; ignored.")
-            return
-        self._signalled = True
-        self._say("SIGTERM: finishing this step, then saving a checkpoint and exiting "
-                  f"with status {EXIT_PREEMPTED}.")
-
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return self._mngr.reached_preemption(step)
-        return self._signalled
+        if self._process_count > 1:
+            return self._checkpoints.reached_preemption(step)
+        return _training["requested"]

@@ -5,6 +5,9 @@ are the large parameters and optimizer moments, ZeRO-3 style: XLA gathers a weig
 used). With fsdp = 1 (the default) every device holds the whole state: plain data parallelism.
 """
 import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -46,18 +49,113 @@ def state_sharding(abstract_state, mesh: Mesh):
     return jax.tree.map(rule, abstract_state)
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, environ=os.environ) -> bool:
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, *, cluster: bool = False,
+                           environ=os.environ) -> bool:
     """Starts JAX's multi-process runtime where the run has several processes; True if it did.
 
-    Explicit: all three arguments. Detected: SLURM with several tasks, a Cloud TPU pod slice.
+    Explicit: all three arguments. `cluster`: JAX's own detection decides everything (Cloud TPU VMs
+    and pod slices, SLURM, Open MPI); under SLURM that is one process per GPU, each bound to the GPU of
+    its local rank. Without either, a SLURM step of several tasks is detected the same way.
+    Then a watchdog ends this process promptly if another one is lost (`watch_peers`).
     """
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together; give all three.")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return True
-    if int(environ.get("SLURM_NTASKS", "1")) > 1 or "," in environ.get("TPU_WORKER_HOSTNAMES", ""):
+    elif cluster or int(environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()  # the cluster tells JAX the coordinator, the count and the index
-        return True
-    return False
+    else:
+        return False
+    if jax.process_count() > 1:
+        watch_peers()
+    return True
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for all the others (nothing to do with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices(name)
+
+
+# A process whose heartbeat is this old is taken for lost. JAX's own limit (100 s) ends the survivors
+# with SIGABRT after a long wait; this ends them first, with status 1 and a message.
+LOST_AFTER_S = 20.0
+_HEARTBEAT_S = 1.0
+_HEARTBEAT_KEY = "masksub_jax/heartbeat/"
+EXIT_LOST_PEER = 1
+_watchdog_stop = threading.Event()
+_watchdog = []  # the running watchdog thread, if any
+
+
+def watch_peers(lost_after_s: float = LOST_AFTER_S, exit_fn=os._exit) -> threading.Thread:
+    """A daemon thread that writes this process's heartbeat into JAX's coordination service and
+    reads everyone's: a peer silent for `lost_after_s` (or the service gone: process 0, which runs it,
+    is lost) ends this process with status 1 and a line naming the lost process. Collectives with a
+    dead peer would otherwise block until JAX aborts the process."""
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel  (the runtime's client)
+    client, me, count = distributed.global_state.client, jax.process_index(), jax.process_count()
+
+    def lost(process: int, how: str):
+        print(f"error: lost process {process} of {count} ({how}): it died, or its host went down or "
+              f"off the network. Process {me} stops too (exit {EXIT_LOST_PEER}); restart the whole run "
+              "with the same command to resume from the newest checkpoint.", file=sys.stderr, flush=True)
+        exit_fn(EXIT_LOST_PEER)
+
+    def beat():
+        beats, seen = 0, {p: (None, time.monotonic()) for p in range(count) if p != me}
+        while not _watchdog_stop.is_set():
+            beats += 1
+            try:
+                client.key_value_set(f"{_HEARTBEAT_KEY}{me}", str(beats), allow_overwrite=True)
+                values = dict(client.key_value_dir_get(_HEARTBEAT_KEY))
+            except Exception as e:  # pylint: disable=broad-except
+                if _watchdog_stop.is_set():
+                    return None
+                if me != 0:
+                    return lost(0, f"the coordination service it runs stopped answering: {type(e).__name__}")
+                raise
+            now = time.monotonic()
+            for process, (value, since) in seen.items():
+                current = values.get(f"{_HEARTBEAT_KEY}{process}")
+                if current != value:
+                    seen[process] = (current, now)
+                elif current != "done" and now - since > lost_after_s:
+                    return lost(process, f"no heartbeat for {now - since:.0f} s")
+            time.sleep(_HEARTBEAT_S)
+
+    thread = threading.Thread(target=beat, name="masksub-peer-watchdog", daemon=True)
+    thread.start()
+    _watchdog.append(thread)
+    return thread
+
+
+def await_lost_peer(error: Exception) -> None:
+    """A runtime error in a multi-process run is most often a collective whose peer died: give the
+    watchdog the time to name that peer (it ends the process) before the error is reported as is."""
+    if several_processes() and isinstance(error, jax.errors.JaxRuntimeError) and _watchdog:
+        _watchdog[0].join(timeout=LOST_AFTER_S + 5 * _HEARTBEAT_S)
+
+
+def leaving_normally() -> None:
+    """Tells the other processes' watchdogs that this one's silence from now on is not a loss, and
+    stops this one's (JAX's shutdown, next, closes the coordination service)."""
+    _watchdog_stop.set()
+    for thread in _watchdog:
+        thread.join(timeout=10 * _HEARTBEAT_S)  # its last heartbeat must not land after "done"
+    if several_processes():
+        from jax._src import distributed  # pylint: disable=import-outside-toplevel
+        distributed.global_state.client.key_value_set(f"{_HEARTBEAT_KEY}{jax.process_index()}", "done",
+                                                      allow_overwrite=True)
+
+
+def several_processes() -> bool:
+    """Whether this is one of several processes (False before JAX's runtime is up)."""
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    return distributed.global_state.client is not None and jax.process_count() > 1
+
+
+def process_label() -> str:
+    """' [process I of N]' in a multi-process run, else ''; for lines that every process prints."""
+    return f" [process {jax.process_index()} of {jax.process_count()}]" if several_processes() else ""

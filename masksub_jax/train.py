@@ -3,7 +3,6 @@ loop, evaluation. `run(config, workdir)` is what `main.py` calls and what a note
 returns the final metrics and resumes from the newest checkpoint in `workdir` by itself.
 """
 import functools
-import json
 import time
 
 import jax
@@ -11,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from masksub_jax import checkpoint, convert, metrics, preemption, sharding
+from masksub_jax import workdir as workdir_lib
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
@@ -24,7 +24,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) and evaluates; returns the final metrics (also WORKDIR/summary.json).
 
     Raises preemption.Preempted after saving if told to stop (SIGTERM, or a TPU preemption notice),
-    and NonFiniteError if the loss diverges with config.on_nonfinite="stop".
+    NonFiniteError if the loss diverges with config.on_nonfinite="stop", and workdir.WorkdirError if
+    the workdir holds another run. On every way out the checkpoint write in flight is finished first.
     """
     start_time = time.time()
     # ----------------------------------------------------------------------------------------------
@@ -32,10 +33,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.validate(config, num_devices=jax.device_count())
     is_chief = jax.process_index() == 0
     say = functools.partial(_say, is_chief)
-    _check_writable(workdir)
-    _check_same_run(config, workdir)
-    summary_path = checkpoint.path(workdir) / "summary.json"
+    flat = dict(config_lib.flatten(config))
+    workdir_lib.check_writable(workdir, jax.process_index())
+    with checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints) as checkpoints:
+        # The run this workdir holds, read by every process before any of them writes to it.
+        run_config = workdir_lib.started_config(workdir) if checkpoints.steps() else None
+        changes = workdir_lib.changed_keys(run_config, flat)
+        workdir_lib.check_same_run(workdir, changes)
+        sharding.barrier("workdir read")
+        return _train(config, workdir, checkpoints, changes, say, start_time)
 
+
+def _train(config, workdir, checkpoints, changes, say, start_time) -> dict:
+    is_chief = jax.process_index() == 0
     # ----------------------------------------------------------------------------------------------
     # Device mesh (data x fsdp): the batch is split over all devices, large state arrays over fsdp.
     mesh = sharding.make_mesh(config.mesh.fsdp)
@@ -68,11 +78,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoint restore, else a fresh state.
-    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_sharding)
-    state = checkpoint.restore_latest(mngr, abstract_sharded, say=say)
-    if state is None:
+    state = checkpoints.restore_latest(abstract_sharded, say=say)
+    fresh = state is None
+    if fresh:
         state = jax.jit(init, out_shardings=state_sharding)(rng)
         start_step = 0
         if config.init_from:
@@ -82,12 +92,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             say(f"Initialised the parameters from {config.init_from}.")
     else:
         start_step = int(jax.device_get(state["step"]))
-        if start_step >= total_steps and summary_path.exists():
-            summary = json.loads(summary_path.read_text())
+        summary = workdir_lib.read_summary(workdir)
+        if start_step >= total_steps and summary is not None:
+            workdir_lib.check_finished_run(workdir, changes, say)
             say(f"Run in {workdir} already finished at step {start_step}: "
                 f"top1 {summary['top1']:.4f}. Nothing to do.")
             return summary
-        say(f"Resuming from the checkpoint of step {start_step} in {workdir}.")
+        say(f"Resuming from the checkpoint of step {start_step} in {workdir}."
+            + (f" Changed since the run started: {workdir_lib.describe(changes)}." if changes else ""))
 
     # ----------------------------------------------------------------------------------------------
     # The steps.
@@ -103,11 +115,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"top1": sums["correct1"] / sums["count"], "top5": sums["correct5"] / sums["count"],
                 "eval_examples": int(sums["count"])}
 
+    def record_start():
+        """Once the first step has run on every process: the run has really started."""
+        sharding.barrier("first step")
+        if not is_chief:
+            return
+        if fresh:
+            workdir_lib.record_start(workdir, dict(config_lib.flatten(config)))
+        elif changes:
+            workdir_lib.record_resume(workdir, start_step, changes)
+
     # ----------------------------------------------------------------------------------------------
     # The loop.
-    writer = metrics.make_writer(workdir, is_chief)
-    if start_step == 0:
-        writer.write_hparams(dict(config_lib.flatten(config)))
+    writer = metrics.make_writer(workdir, is_chief, start_step)
+    writer.write_hparams(dict(config_lib.flatten(config)))  # kept once per run (metrics.py)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
     say(f"Training ViT-{config.model.variant} ({_count(state['params']) / 1e6:.2f}M params) "
         f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
@@ -115,17 +136,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending, window = [], []  # step metrics on the device; fetched ones since the last log line
     step = start_step
     batches = pipeline.prefetch(map(to_global, data.train_batches(start_step)), size=2)
-    with preemption.Watch(mngr, say) as watch:
+    with preemption.Watch(checkpoints, jax.process_count()) as watch:
         while step < total_steps:
             state, step_metrics = train_step(state, next(batches),
                                              jax.random.fold_in(state["rng"], step))
+            if step == start_step:
+                jax.block_until_ready(step_metrics)
+                record_start()
             step += 1
             pending.append((step, step_metrics))
             preempted = watch.reached(step)
             save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
             log_now = step % config.log_every_steps == 0 or step == total_steps
             if log_now or save_now:  # no NaN check is skipped before a save
-                window += _fetch_and_check(pending, config.on_nonfinite, mngr, say)
+                window += _fetch_and_check(pending, config.on_nonfinite, checkpoints, say)
                 pending = []
             if log_now:
                 scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
@@ -140,56 +164,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.flush()
                 say(f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
             if save_now:
-                checkpoint.save(mngr, state, force=preempted)
+                checkpoints.save(state, force=preempted)
             if preempted and step < total_steps:
-                checkpoint.wait(mngr)
+                checkpoints.wait()
                 writer.flush()
                 raise preemption.Preempted(step, workdir)
+        checkpoints.wait()  # the last checkpoint is on disk before a SIGTERM may end the process
 
     # ----------------------------------------------------------------------------------------------
-    # Final evaluation, once the last checkpoint is safely written.
-    checkpoint.wait(mngr)
+    # Final evaluation.
     result = evaluate(state["params"])
     writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
     writer.flush()
     summary = {"step": step, **result, "wall_s": time.time() - start_time}
+    summary_path = workdir_lib.path(workdir) / "summary.json"
     if is_chief:
-        summary_path.write_text(json.dumps(summary, indent=1))
+        workdir_lib.write_summary(workdir, summary)
     say(f"Finished at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
         f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
         f"Summary: {summary_path}")
     return summary
 
 
-def _fetch_and_check(pending, policy: str, mngr, say) -> list[dict]:
+def _fetch_and_check(pending, policy: str, checkpoints, say) -> list[dict]:
     """The pending steps' metrics on the host. A NaN or Inf step (whose update the step did not
     apply) stops the run under policy "stop", after the checkpoints in flight are written."""
     fetched = [(step, jax.device_get(m)) for step, m in pending]
     bad = [(step, m) for step, m in fetched if m["nonfinite"]]
     if bad and policy == "stop":
-        checkpoint.wait(mngr)
+        checkpoints.wait()
         step, m = bad[0]
         raise NonFiniteError(
             f"The loss or gradient is NaN or Inf at step {step} (loss_main {m['loss_main']}, loss_sub "
             f"{m['loss_sub']}, grad_norm {m['grad_norm']}). Its update was not applied and no checkpoint "
-            f"after it was written; the newest is step {mngr.latest_step()}. Lower optim.lr or lengthen "
-            "optim.warmup_epochs and rerun (it resumes from there), or set --config.on_nonfinite=skip "
-            "to skip such steps.")
+            f"after it was written; {checkpoints.describe_latest()}. Lower optim.lr or lengthen "
+            "optim.warmup_epochs and rerun (it resumes from the newest checkpoint, or starts afresh), or set "
+            "--config.on_nonfinite=skip to skip such steps.")
     if bad:
         say(f"WARNING: NaN or Inf loss or gradient at steps {[step for step, _ in bad]}: "
             "their updates were skipped (config.on_nonfinite='skip').")
     return [{k: float(v) for k, v in m.items()} for _, m in fetched]
-
-
-def _check_writable(workdir: str) -> None:
-    try:
-        checkpoint.path(workdir).mkdir(parents=True, exist_ok=True)
-        probe = checkpoint.path(workdir) / f".write_test_{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"Cannot write to --workdir={workdir}: {e}. Use a directory this process can "
-                      "create and write to.") from None
 
 
 def _count(params) -> int:
@@ -199,25 +213,3 @@ def _count(params) -> int:
 def _say(is_chief: bool, line: str) -> None:
     if is_chief:
         print(line, flush=True)
-
-
-# What cannot change between a run and its resumption without breaking the checkpoint or the run.
-# The data order and augmentations are a function of these and the step (data/tfds_source.py).
-_RUN_DEFINING = ("seed", "model.variant", "data.source", "data.name", "data.train_split", "data.image_size",
-                 "data.augment", "data.color_jitter", "data.repeated_aug", "batch_size")
-
-
-def _check_same_run(config, workdir: str) -> None:
-    """Writes WORKDIR/config.json; refuses to resume a workdir trained with a different model or data."""
-    path = checkpoint.path(workdir) / "config.json"
-    flat = dict(config_lib.flatten(config))
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != flat[k]]
-        if changed:
-            raise ValueError(
-                f"{workdir} holds a run with a different {', '.join(changed)} "
-                f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}; now "
-                f"{', '.join(f'{k}={flat[k]!r}' for k in changed)}). Use a new --workdir, or the old values.")
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(flat, indent=1, default=list))

@@ -30,7 +30,7 @@ def test_tpu_vm_creates_installs_and_trains_on_every_worker():
     assert "--worker=all" in install and "pip\\ install" in install and "jax\\[tpu\\]" in install
     assert "--worker=all" in train
     for part in ("python\\ -m\\ masksub_jax.main", "--config=configs/vit_b.py", "--workdir=gs://bucket/vit_b",
-                 "--config.data.data_dir=gs://bucket/tfds", "--config.batch_size=4096"):
+                 "--cluster", "--config.data.data_dir=gs://bucket/tfds", "--config.batch_size=4096"):
         assert part in train
 
 
@@ -42,16 +42,43 @@ def test_gpu_node_runs_the_trainer_once_for_all_local_gpus():
                               "--config.model.dtype=bfloat16"]
 
 
-def test_slurm_script_has_one_task_per_node_and_requeues_on_75(tmp_path):
-    rc, out, err = _dry_run("slurm_gpu.sh", "--nodes=8", "--gpus_per_node=8", f"--workdir={tmp_path}/run",
+def test_slurm_script_has_one_task_per_gpu_and_requeues_on_75(tmp_path):
+    rc, out, err = _dry_run("slurm_gpu.sh", "--nodes=8", "--gpus_per_node=4", f"--workdir={tmp_path}/run",
                             "--partition=gpu")
     assert rc == 0, err
-    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue",
-                 f"srun --kill-on-bad-exit=1 python -m masksub_jax.main --config=configs/vit_l.py --workdir={tmp_path}/run",
-                 'if [ "${status}" -eq 75 ]; then scontrol requeue "${SLURM_JOB_ID}"; fi'):
+                 f"srun --kill-on-bad-exit=1 python -m masksub_jax.main --config=configs/vit_l.py --workdir={tmp_path}/run "
+                 "--cluster",
+                 'if [ "${status}" -eq 75 ]; then scontrol requeue "${SLURM_JOB_ID}"; fi',
+                 f"+ sbatch --output={tmp_path}/run/slurm-%j.out <<< (the script above)"):
         assert line in out.splitlines()
     assert not os.path.exists(f"{tmp_path}/run")  # a dry run changes nothing
+
+
+ODD_ARGS = ["--workdir=/shared/my runs/vit l", "--config.data.mean=(0.5,0.5,0.5)", "--config.data.name=it's"]
+
+
+def test_every_argument_reaches_the_trainer_word_for_word():
+    """A workdir with spaces, a tuple value and a quote, read back by a shell as the scripts' output."""
+    expected = ["python", "-m", "masksub_jax.main", "--config=configs/vit_l.py", "--workdir=/shared/my runs/vit l",
+                "--cluster", "--config.data.mean=(0.5,0.5,0.5)", "--config.data.name=it's"]
+    rc, out, err = _dry_run("slurm_gpu.sh", "--nodes=2", *ODD_ARGS)
+    assert rc == 0, err
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert _words(srun)[2:] == expected
+    rc, out, err = _dry_run("tpu_vm.sh", "--name=b16", "--zone=z", "--accelerator=v4-32", "--workdir=gs://b/my run",
+                            *ODD_ARGS[1:], "--config=configs/vit_l.py")
+    assert rc == 0, err
+    remote = _words(_commands(out)[-1])[-1].removeprefix("--command=")  # what ssh hands the worker's shell
+    assert _words(remote.split(" && ")[-1]) == [*expected[:4], "--workdir=gs://b/my run", *expected[5:]]
+
+
+def _words(line: str) -> list[str]:
+    """How bash splits `line` into words (printf %q output included)."""
+    done = subprocess.run(["bash", "-c", f'for w in {line}; do printf "%s\\0" "$w"; done'], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.split("\0")[:-1]
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -59,6 +86,9 @@ def test_slurm_script_has_one_task_per_node_and_requeues_on_75(tmp_path):
     ("tpu_vm.sh", ["--zone=z"], "are required"),
     ("gpu_node.sh", ["--workdir=w", "--bogus"], "unknown argument --bogus"),
     ("slurm_gpu.sh", ["--workdir=w"], "--nodes and --workdir are required"),
+    ("slurm_gpu.sh", ["--workdir=w", "--nodes=abc"], "--nodes must be a positive integer, got 'abc'"),
+    ("slurm_gpu.sh", ["--workdir=w", "--nodes=0"], "--nodes must be a positive integer, got '0'"),
+    ("slurm_gpu.sh", ["--workdir=w", "--nodes=2", "--gpus_per_node="], "--gpus_per_node must be a positive integer"),
 ])
 def test_bad_arguments_are_named(script, args, message):
     rc, _, err = _dry_run(script, *args)

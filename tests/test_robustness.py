@@ -133,10 +133,71 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_pre
     assert train.run(_digits_config(digits_dir), workdir)["step"] == 30
     out = capsys.readouterr().out
     assert "the checkpoint of step 30 is damaged" in out and "Resuming from the checkpoint of step 25" in out
+    damage_line = next(line for line in out.splitlines() if "is damaged" in line)
+    assert "<" not in damage_line and "0x" not in damage_line, damage_line  # no Orbax object reprs
     kept = glob.glob(os.path.join(workdir, "damaged_checkpoints", "30-*"))
     assert len(kept) == 1 and os.listdir(kept[0])  # moved aside, not deleted
     assert not os.path.exists(os.path.join(workdir, "PWNED"))
     _assert_same_params(reference, workdir)
+
+
+def _flip_one_bit_in_the_largest_array_file(step_dir):
+    """The bit flip that Orbax alone restores silently (checked when this test was written)."""
+    largest = max(glob.glob(os.path.join(step_dir, "default", "**", "d", "*"), recursive=True), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_a_flipped_bit_fails_the_checksum_and_the_run_resumes_from_the_previous(reference, digits_dir, tmp_path,
+                                                                                capsys):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    os.remove(os.path.join(workdir, "summary.json"))
+    _flip_one_bit_in_the_largest_array_file(os.path.join(workdir, "checkpoints", "30"))
+    assert train.run(_digits_config(digits_dir), workdir)["step"] == 30
+    out = capsys.readouterr().out
+    assert "the checkpoint of step 30 is damaged: 1 array(s) do not match the checksums" in out
+    assert "Resuming from the checkpoint of step 25" in out
+    assert len(glob.glob(os.path.join(workdir, "damaged_checkpoints", "30-*"))) == 1
+    _assert_same_params(reference, workdir)
+
+
+def test_fingerprints_see_one_flipped_bit_and_moved_values():
+    x = jax.numpy.arange(12, dtype=jax.numpy.float32).reshape(3, 4) / 7
+    base = int(checkpoint.fingerprints({"x": x})["x"])
+    bits = np.asarray(x).view(np.uint32).copy()
+    for index in range(bits.size):
+        for bit in (0, 13, 31):
+            flipped = bits.copy().reshape(-1)
+            flipped[index] ^= np.uint32(1 << bit)
+            changed = jax.numpy.asarray(flipped.view(np.float32).reshape(3, 4))
+            assert int(checkpoint.fingerprints({"x": changed})["x"]) != base, (index, bit)
+    assert int(checkpoint.fingerprints({"x": x[::-1]})["x"]) != base
+    assert int(checkpoint.fingerprints({"x": x.astype(jax.numpy.bfloat16)})["x"]) != base
+
+
+def test_a_regular_file_under_a_step_name_is_set_aside_not_deleted(reference, digits_dir, tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    os.remove(os.path.join(workdir, "summary.json"))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "30"))
+    with open(os.path.join(workdir, "checkpoints", "30"), "w", encoding="utf-8") as f:
+        f.write("not a checkpoint")
+    assert train.run(_digits_config(digits_dir), workdir)["step"] == 30
+    assert "the checkpoint of step 30 is damaged: it is a regular file" in capsys.readouterr().out
+    kept = glob.glob(os.path.join(workdir, "damaged_checkpoints", "30-*"))
+    assert len(kept) == 1 and open(kept[0], encoding="utf-8").read() == "not a checkpoint"
+    _assert_same_params(reference, workdir)
+
+
+def test_load_params_prints_nothing(reference, capfd):
+    capfd.readouterr()
+    checkpoint.load_params(reference)
+    out, err = capfd.readouterr()
+    assert out == "" and "WARNING" not in err, err
 
 
 def test_checkpoint_of_another_model_is_a_clear_error_and_nothing_is_moved(reference, digits_dir, tmp_path):
@@ -177,6 +238,14 @@ def test_nan_stops_the_run_naming_the_step_and_no_checkpoint_holds_nans(digits_d
     assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [5]
 
 
+def test_nan_before_the_first_checkpoint_says_there_is_none(digits_dir, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, bad_step=1)
+    config = tiny_digits_config(digits_dir, total_steps=10, checkpoint_every_steps=5, log_every_steps=2)
+    with pytest.raises(train.NonFiniteError, match="NaN or Inf at step 2 .*no checkpoint after it was written; "
+                                                   "there is none yet"):
+        train.run(config, str(tmp_path))
+
+
 def test_nan_skip_policy_skips_that_update_and_finishes(digits_dir, tmp_path, monkeypatch, capsys):
     _nan_at(monkeypatch, bad_step=7)
     config = tiny_digits_config(digits_dir, total_steps=20, checkpoint_every_steps=5, log_every_steps=10,
@@ -196,7 +265,8 @@ def test_failing_checkpoint_write_is_reported_and_earlier_checkpoints_stay(digit
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
     try:
-        with pytest.raises(checkpoint.CheckpointWriteError, match=r"intact \(steps \[10, 20\]\)"):
+        with pytest.raises(checkpoint.CheckpointWriteError,
+                           match=r"checkpoint of step 30 .* failed: .*intact \(steps \[10, 20\]\)"):
             train.run(tiny_digits_config(digits_dir, total_steps=40, checkpoint_every_steps=10), workdir)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -217,4 +287,58 @@ def test_write_cut_off_mid_checkpoint_is_ignored_and_cleaned_up(reference, digit
     os.rename(step_dir, step_dir + ".orbax-checkpoint-tmp")
     assert train.run(_digits_config(digits_dir), workdir)["step"] == 30
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "25", "30"]
+    _assert_same_params(reference, workdir)
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_disk_full_through_the_command_line_ends_with_the_error_naming_the_step(digits_dir, tmp_path):
+    """As above, in a real process: the CheckpointWriteError is the last line, no Orbax or asyncio
+    traceback follows it, and the status is 1."""
+    workdir = str(tmp_path / "w")
+    first = subprocess.run(digits_main_command(workdir, digits_dir, {**OVERRIDES, "total_steps": 10}), cwd=REPO,
+                           capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
+    full = subprocess.run(_command(workdir, digits_dir), cwd=REPO, capture_output=True, text=True, check=False,
+                          preexec_fn=_limit_file_size)
+    assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Writing the checkpoint of step 15") and "intact (steps [5, 10])" in last, last
+    assert "Traceback" not in full.stderr and "cannot schedule new futures" not in full.stderr
+
+
+def test_sigterm_during_start_up_exits_75(digits_dir, tmp_path):
+    proc = _start(str(tmp_path / "w"), digits_dir)
+    time.sleep(1.0)  # importing JAX and TensorFlow
+    proc.send_signal(signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait() == preemption.EXIT_PREEMPTED, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("Preempted: SIGTERM outside the training loop"), output[-2000:]
+    assert "Traceback" not in output
+
+
+def test_ctrl_c_finishes_the_save_in_flight_and_exits_130_with_one_line(reference, digits_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = _start(workdir, digits_dir)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    in_flight = []
+    while proc.poll() is None and not in_flight:  # Ctrl-C the moment a checkpoint write is under way
+        in_flight = glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # a second Ctrl-C while it finishes the write
+    assert proc.wait() == preemption.EXIT_INTERRUPTED, "".join(lines[-30:])
+    time.sleep(0.5)  # the reader thread's last lines
+    said = [line for line in lines if not line.startswith(("step ", "Training", "WARNING: All log", "I0000"))]
+    assert said[-1].startswith("Interrupted (Ctrl-C)") and len(said) <= 2, said
+    step = int(os.path.basename(in_flight[0]).split(".")[0])
+    assert step in checkpoint.manager(workdir, read_only=True).all_steps()  # finished, not dropped
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+    done = subprocess.run(_command(workdir, digits_dir), cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "Resuming from the checkpoint of step" in done.stdout, done.stdout[-2000:]
     _assert_same_params(reference, workdir)

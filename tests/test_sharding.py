@@ -2,6 +2,8 @@
 import json
 import os
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -11,7 +13,9 @@ from jax.sharding import PartitionSpec as P
 from masksub_jax import sharding, step as step_lib, train
 from tests.conftest import REPO, digits_file_config, digits_main_command, tiny_digits_config
 
-OVERRIDES = {"total_steps": 20, "log_every_steps": 1, "checkpoint_every_steps": 20, "eval_every_steps": 0}
+# No warmup, so that 20 steps visibly learn.
+OVERRIDES = {"total_steps": 20, "log_every_steps": 1, "checkpoint_every_steps": 20, "eval_every_steps": 0,
+             "optim.warmup_epochs": 0.0}
 
 
 def _losses(workdir):
@@ -66,6 +70,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TWO_PROCESS_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                   "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+
+
+def _start_two_processes(workdir, digits_dir, overrides):
+    """The trainer as two processes of two CPU devices each, over 127.0.0.1."""
+    address = f"127.0.0.1:{_free_port()}"
+    return [subprocess.Popen(digits_main_command(workdir, digits_dir, overrides) +
+                             [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                             cwd=REPO, env={**os.environ, **TWO_PROCESS_ENV}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
 def test_two_processes_of_two_devices_equal_one_process_of_four(digits_dir, tmp_path):
     """jax.distributed over 127.0.0.1 with gloo CPU collectives; one checkpoint, restorable by one process."""
     overrides = {**OVERRIDES, "total_steps": 10, "checkpoint_every_steps": 10}
@@ -76,13 +94,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(digits_dir, tmp_
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     multi = str(tmp_path / "multi")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(digits_main_command(multi, digits_dir, overrides) +
-                              [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = _start_two_processes(multi, digits_dir, overrides)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "on 4 device(s)" in outputs[0] and "Training" not in outputs[1]  # only process 0 reports
@@ -92,7 +104,68 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(digits_dir, tmp_
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_distributed_flags_go_together():
+def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
+    """Every process reads the workdir's records at start while process 0 writes them (config.json,
+    resumes.jsonl, summary.json): never a crash, and the records stay whole."""
+    workdir = str(tmp_path / "w")
+    base = {**OVERRIDES, "log_every_steps": 2, "checkpoint_every_steps": 2}
+    for run, total in enumerate((2, 4, 6, 8, 10, 12)):
+        procs = _start_two_processes(workdir, digits_dir, {**base, "total_steps": total})
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], f"run {run}:\n" + outputs[0][-2000:] + outputs[1][-2000:]
+        if run:
+            assert f"Resuming from the checkpoint of step {total - 2}" in outputs[0]
+    with open(os.path.join(workdir, "resumes.jsonl"), encoding="utf-8") as f:
+        resumes = [json.loads(line) for line in f]
+    assert [r["step"] for r in resumes] == [2, 4, 6, 8, 10]
+    assert resumes[-1]["changed"] == {"total_steps": 12}
+    logged = [m["step"] for m in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8"))
+              if "loss" in m]
+    assert logged == list(range(2, 13, 2))
+
+
+def test_a_lost_peer_ends_the_other_process_promptly_with_status_1(digits_dir, tmp_path):
+    procs = _start_two_processes(str(tmp_path / "w"), digits_dir, {**OVERRIDES, "total_steps": 100000})
+    lines = []
+    for line in procs[0].stdout:  # process 0 reports the steps
+        lines.append(line)
+        if line.startswith("step 3/"):
+            break
+    procs[1].kill()
+    start = time.monotonic()
+    rest = procs[0].communicate(timeout=120)[0]
+    waited = time.monotonic() - start
+    assert procs[0].returncode == 1, "".join(lines[-20:]) + rest[-3000:]
+    assert "error: lost process 1 of 2 (no heartbeat for" in rest.strip().splitlines()[-1], rest[-2000:]
+    assert waited < sharding.LOST_AFTER_S + 15, waited  # JAX alone: SIGABRT after its 100 s heartbeat limit
+
+
+def test_slurm_tasks_are_one_per_gpu_each_bound_to_its_local_rank(tmp_path):
+    """What `launch/slurm_gpu.sh` starts on one node with 2 GPUs, in SLURM's environment: JAX detects
+    the job, and task i of the node sees GPU i only (jax_cuda_visible_devices; on CPU it binds nothing)."""
+    probe = ("import jax; from masksub_jax import sharding; assert sharding.initialize_distributed(cluster=True); "
+             "print(jax.process_index(), jax.process_count(), jax.config.read('jax_cuda_visible_devices')); "
+             "sharding.leaving_normally()")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", probe], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, **TWO_PROCESS_ENV, "SLURM_JOB_ID": "4242",
+                                              "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+                                              "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                                              "JAX_COORDINATOR_PORT": str(port)})
+             for i in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [o.strip().splitlines()[-1] for o in outputs] == ["0 2 0", "1 2 1"]
+
+
+def test_distributed_start_up_asks_jax_where_the_cluster_says_so(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
     with pytest.raises(ValueError, match="go together"):
         sharding.initialize_distributed("127.0.0.1:1234", None, 0)
-    assert not sharding.initialize_distributed(environ={"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+    # A GKE variable alone is no reason: on TPU VMs the launch script passes --cluster.
+    assert not sharding.initialize_distributed(environ={"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "a,b"})
+    assert calls == []
+    assert sharding.initialize_distributed(cluster=True, environ={})
+    assert sharding.initialize_distributed(environ={"SLURM_NTASKS": "4"})
+    assert calls == [((), {}), ((), {})]  # JAX's own detection decides coordinator, count and index
