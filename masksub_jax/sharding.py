@@ -96,6 +96,9 @@ def watch_peers(lost_after_s: float = LOST_AFTER_S, exit_fn=os._exit) -> threadi
     dead peer would otherwise block until JAX aborts the process."""
     from jax._src import distributed  # pylint: disable=import-outside-toplevel  (the runtime's client)
     client, me, count = distributed.global_state.client, jax.process_index(), jax.process_count()
+    # Each beat reads every process's key: on a large pod, beat less often to spare the coordinator.
+    interval = _HEARTBEAT_S * max(1.0, count / 64)
+    lost_after_s = max(lost_after_s, 5 * interval)
 
     def lost(process: int, how: str):
         print(f"error: lost process {process} of {count} ({how}): it died, or its host went down or "
@@ -123,7 +126,7 @@ def watch_peers(lost_after_s: float = LOST_AFTER_S, exit_fn=os._exit) -> threadi
                     seen[process] = (current, now)
                 elif current != "done" and now - since > lost_after_s:
                     return lost(process, f"no heartbeat for {now - since:.0f} s")
-            time.sleep(_HEARTBEAT_S)
+            time.sleep(interval)
 
     thread = threading.Thread(target=beat, name="masksub-peer-watchdog", daemon=True)
     thread.start()

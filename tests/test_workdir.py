@@ -89,13 +89,11 @@ def _main(tmp_path, digits_dir, *args, config="configs/digits.py"):
 
 
 @pytest.mark.parametrize("args, config, message", [
-    (["--config.optim.lrr=1"], "configs/digits.py",
+    (["--config.optim.lrr=1"], "configs/digits.py",  # reaches config.validate
      "error: Unknown config key 'optim.lrr'. Did you mean 'optim.lr'?"),
-    (["--config.mesh.data=2"], "configs/digits.py", "error: Unknown config key 'mesh.data'."),
-    (["--config.nothing.here=3"], "configs/digits.py", "error: Unknown config key 'nothing.here'."),
+    (["--config.nothing.here=3"], "configs/digits.py",  # stopped by ml_collections' flag parser
+     "error: Unknown config key 'nothing.here'."),
     ([], "configs/digits.py:epochs=9", "error: ValueError: Unknown config argument 'epochs'"),
-    (["--config.batch_size=7"], "configs/digits.py",
-     "error: Config batch_size=7 is invalid: must be a positive multiple of the device count"),
 ])
 def test_a_bad_command_line_ends_with_one_line_and_status_1(tmp_path, digits_dir, args, config, message):
     done = _main(tmp_path, digits_dir, *args, config=config)
@@ -109,7 +107,6 @@ def test_verbose_prints_the_traceback_and_errors_log_keeps_it(tmp_path, digits_d
     os.makedirs(tmp_path / "w")
     done = _main(tmp_path, digits_dir, "--config.batch_size=7", "--verbose")
     assert done.returncode == 1 and "Traceback" in done.stderr
-    assert "Config batch_size=7 is invalid" in done.stderr.strip().splitlines()[-1]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Config batch_size=7 is invalid: must be a positive multiple of the device count")
     assert "Traceback" in _read(str(tmp_path / "w"), "errors.log")
-    quiet = _main(tmp_path, digits_dir, "--config.batch_size=7")
-    assert quiet.stderr.strip().endswith(f"(traceback: {tmp_path / 'w' / 'errors.log'})")
