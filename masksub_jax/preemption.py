@@ -72,12 +72,15 @@ def signals_deferred(reason: str):
         yield
         return
     arrived = []
+    # With several processes JAX's preemption service catches SIGTERM itself (at the C level, out of
+    # Python's sight): replacing its handler here, even for a moment, would lose every later notice.
+    deferred = (signal.SIGINT,) if _jax_handles_sigterm() else (signal.SIGINT, signal.SIGTERM)
 
     def defer(signum, frame):  # pylint: disable=unused-argument
         if signum not in arrived:
             print(f"{signal.Signals(signum).name}: {reason}; it takes effect after that.", flush=True)
             arrived.append(signum)
-    previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, defer) for s in deferred}
     try:
         yield
     finally:
@@ -85,6 +88,11 @@ def signals_deferred(reason: str):
             signal.signal(s, handler)
         for signum in arrived:
             signal.raise_signal(signum)
+
+
+def _jax_handles_sigterm() -> bool:
+    distributed = sys.modules.get("jax._src.distributed")
+    return distributed is not None and distributed.global_state.client is not None
 
 
 class Watch:

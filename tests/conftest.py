@@ -76,3 +76,15 @@ def mock_imagenet(num_examples: int):
         patch.setattr(tfds.core.data_sources.base.BaseDataSource, "__getitems__",
                       lambda self, keys: [self[k] for k in keys])
         yield
+
+
+def flip_one_bit(step_dir: str) -> None:
+    """Flips one bit in the middle of a checkpoint's largest array file: damage that Orbax alone
+    restores silently, as wrong values (checked when the checksums were added)."""
+    import glob  # pylint: disable=import-outside-toplevel
+    largest = max(glob.glob(os.path.join(step_dir, "default", "**", "d", "*"), recursive=True), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))

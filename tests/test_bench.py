@@ -72,3 +72,12 @@ def test_measure_input_reports_images_per_core(tmp_path):
         assert r["images"] == 24 and r["images_per_s"] == pytest.approx(24 / r["wall_s"])
         assert r["images_per_s_per_core"] == pytest.approx(24 / r["cpu_s"]) and r["cpu_s"] > 0
     assert "cores for 2042 img/s" in bench.format_input_table(results)
+
+
+def test_checkpoint_benchmark_saves_restores_and_reports_the_state_size():
+    config = tiny_digits_config("/unused", **{"model.variant": "mu/4", "data.image_size": 16})
+    result = bench.measure_checkpoint(config, num_classes=10, rounds=2)
+    model_mb = 3 * 4 * sum(x.size for x in jax.tree.leaves(jax.eval_shape(  # params, mu, nu in float32
+        lambda: bench.step_lib.make_model(config, 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))))) / 1e6
+    assert result["state_mb"] == pytest.approx(model_mb, rel=0.01)
+    assert result["save_s"] > 0 and result["restore_s"] > 0 and result["fingerprint_s"] > 0

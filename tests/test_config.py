@@ -1,8 +1,6 @@
 """Config validation: every bad value is named with its fix, before anything is compiled."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import ml_collections
 import pytest
