@@ -14,6 +14,12 @@ MFU is given where the device's peak is known.
   python -m masksub_jax.bench input --config=configs/vit_b.py --image_size=224 [--batch=128]
       [--recipes=3augment,rand-m9-mstd0.5-inc1] [--rounds=30] [--json=FILE]
 
+  python -m masksub_jax.bench checkpoint --config=configs/vit_b.py [--rounds=5]
+
+Saving (until on disk) and restoring the config's whole train state with `checkpoint.Checkpoints`,
+in a temporary folder (TMPDIR), and the cost of the per-array
+checksums that each save computes and each restore checks.
+
 The train pipeline (`data/tfds_source.py`: read by index, crop-then-decode, the recipe's
 augmentations, batching) on generated JPEGs of ImageNet's typical size (`data/generated.py`,
 built once under --data_dir). `images_per_s_per_core` is images per CPU-second the process used
@@ -227,9 +233,42 @@ def format_input_table(results: list[dict], feed_rate: float = 2042.0) -> str:
     return "\n".join(lines)
 
 
+def measure_checkpoint(config, *, num_classes: int, rounds: int) -> dict:
+    """Seconds to save (until on disk) and to restore the config's train state, and what the
+    checksums (`checkpoint.fingerprints`) add to each: they are computed once per save and once
+    per restore, on the devices."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    model = step_lib.make_model(config, num_classes)
+    tx, _ = step_lib.make_optimizer(config, total_steps=100, steps_per_epoch=10)
+    shape = (config.data.image_size, config.data.image_size, 3)
+    state = jax.jit(step_lib.make_init(model, tx, shape))(jax.random.PRNGKey(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    times = {"save_s": [], "restore_s": [], "fingerprint_s": []}
+    with tempfile.TemporaryDirectory() as workdir:
+        with checkpoint.Checkpoints(workdir, keep=2) as checkpoints:
+            jax.block_until_ready(checkpoint.fingerprints(state))  # compiled once
+            for r in range(rounds):
+                state["step"] = state["step"] + 1
+                start = time.perf_counter()
+                jax.block_until_ready(checkpoint.fingerprints(state))
+                times["fingerprint_s"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                checkpoints.save(state)
+                checkpoints.wait()
+                times["save_s"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                assert checkpoints.restore_latest(abstract, say=print) is not None, r
+                times["restore_s"].append(time.perf_counter() - start)
+    result = {k: float(np.median(v)) for k, v in times.items()}
+    result["state_mb"] = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
+    result["variant"] = config.model.variant
+    return result
+
+
 def main(argv):
-    if argv[1:] not in (["step"], ["input"]):
-        raise app.UsageError("Usage: python -m masksub_jax.bench step|input --config=FILE [flags]")
+    if argv[1:] not in (["step"], ["input"], ["checkpoint"]):
+        raise app.UsageError("Usage: python -m masksub_jax.bench step|input|checkpoint --config=FILE [flags]")
     f = flags.FLAGS
     config = f.config
     with config.unlocked():
@@ -239,6 +278,13 @@ def main(argv):
         config.model.dtype = f.dtype or config.model.dtype
         config.masksub.memory_lean = f.memory_lean
     config_lib.validate(config, num_devices=1)
+    if argv[1] == "checkpoint":
+        result = measure_checkpoint(config, num_classes=f.num_classes, rounds=f.rounds)
+        print(f"ViT-{result['variant']} train state {result['state_mb']:.0f} MB: save {result['save_s']:.2f} s, "
+              f"restore {result['restore_s']:.2f} s (both with checksums), checksums alone "
+              f"{result['fingerprint_s']:.3f} s, once in each", flush=True)
+        _write_json([result], f.json)
+        return
     if argv[1] == "input":
         results = measure_input(config, f.recipes, data_dir=f.data_dir, rounds=f.rounds if f["rounds"].present else 30)
         print(format_input_table(results), flush=True)
