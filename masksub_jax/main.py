@@ -12,8 +12,8 @@ writes the logs and metrics; every process writes its checkpoint shards.
 Exit status: 0 when the run is finished; 75 when it was told to stop (SIGTERM, a TPU preemption
 notice), having saved what it trained, so rerunning the same command continues it; 130 after Ctrl-C
 (the checkpoint write in flight is finished first); 1 on an error, with the message as the last
-line and the traceback in WORKDIR/errors.log (or the temporary directory's, before the workdir
-exists; printed too with --verbose), or when another process of the run is lost.
+line and the traceback in WORKDIR/errors.log (before the workdir exists, in
+$TMPDIR/masksub_jax_errors.log; printed too with --verbose), or when another process of the run is lost.
 """
 import os
 import sys
@@ -124,7 +124,8 @@ def _append_error_log(workdir: str, process: str, trace: str) -> str | None:
     from masksub_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
     try:
         folder = workdir_lib.path(workdir)
-        log = (folder if folder.exists() else workdir_lib.path(tempfile.gettempdir())) / "errors.log"
+        log = folder / "errors.log" if folder.exists() else (
+            workdir_lib.path(tempfile.gettempdir()) / "masksub_jax_errors.log")
         old = log.read_text() if log.exists() else ""
         workdir_lib.write_text(log, f"{old}--- {time.strftime('%Y-%m-%d %H:%M:%S')}{process}\n{trace}")
         return str(log)
