@@ -41,10 +41,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         changes = workdir_lib.changed_keys(run_config, flat)
         workdir_lib.check_same_run(workdir, changes)
         sharding.barrier("workdir read")
-        return _train(config, workdir, checkpoints, changes, say, start_time)
+        return _train(config, flat, workdir, checkpoints, changes, say, start_time)
 
 
-def _train(config, workdir, checkpoints, changes, say, start_time) -> dict:
+def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict:
     is_chief = jax.process_index() == 0
     # ----------------------------------------------------------------------------------------------
     # Device mesh (data x fsdp): the batch is split over all devices, large state arrays over fsdp.
@@ -121,14 +121,14 @@ def _train(config, workdir, checkpoints, changes, say, start_time) -> dict:
         if not is_chief:
             return
         if fresh:
-            workdir_lib.record_start(workdir, dict(config_lib.flatten(config)))
+            workdir_lib.record_start(workdir, flat)
         elif changes:
             workdir_lib.record_resume(workdir, start_step, changes)
 
     # ----------------------------------------------------------------------------------------------
     # The loop.
     writer = metrics.make_writer(workdir, is_chief, start_step)
-    writer.write_hparams(dict(config_lib.flatten(config)))  # kept once per run (metrics.py)
+    writer.write_hparams(flat)  # kept once per run (metrics.py)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
     say(f"Training ViT-{config.model.variant} ({_count(state['params']) / 1e6:.2f}M params) "
         f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
