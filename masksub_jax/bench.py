@@ -2,12 +2,14 @@
 host input pipeline.
 
   python -m masksub_jax.bench step --config=configs/vit_s.py --batch=16 [--dtype=bfloat16]
+  python -m masksub_jax.bench step --config=configs/swin_t.py --batch=16 --modes=none,masking
       [--modes=none,masking,dropout,droppath] [--rounds=5] [--memory_lean] [--json=FILE]
 
 Each mode's step is the trainer's own (`step.make_train_step`) on synthetic uint8 images, compiled
 once, warmed up, then timed in interleaved rounds (one step of each mode per round) so that load
 on a shared machine hits every mode alike; the median is reported. FLOPs are counted from the model
-(3x the forward: forward + backward) and compared with XLA's cost analysis; peak memory is XLA's
+(3x the forward: forward + backward; the family's `forward_flops`, else XLA's count) and compared with
+XLA's cost analysis; peak memory is XLA's
 buffer assignment for the compiled step (arguments + outputs + temporaries - donated aliases).
 MFU is given where the device's peak is known.
 
@@ -41,14 +43,13 @@ from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from masksub_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
-from masksub_jax import masksub  # noqa: E402  pylint: disable=wrong-import-position
+from masksub_jax import masksub, models  # noqa: E402  pylint: disable=wrong-import-position
 from masksub_jax import step as step_lib  # noqa: E402  pylint: disable=wrong-import-position
-from masksub_jax.models import vit  # noqa: E402  pylint: disable=wrong-import-position
 
 config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
                                 lock_config=True)
 flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
-flags.DEFINE_string("variant", None, "ViT variant, e.g. B/16 (default: the config's).")
+flags.DEFINE_string("variant", None, "The family's variant, e.g. B/16 or T/4 (default: the config's).")
 flags.DEFINE_integer("image_size", None, "Image size (default: the config's).")
 flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES), "Compute dtype (default: the config's).")
 flags.DEFINE_list("modes", list(masksub.MODES), "Step kinds to measure.")
@@ -73,28 +74,16 @@ PEAK_FLOPS = {
 }
 
 
-def forward_flops(variant: str, image_size: int, num_classes: int, channels: int = 3,
-                  kept_tokens: int | None = None) -> float:
-    """Matmul FLOPs of one image's forward pass; `kept_tokens` patch tokens enter the blocks."""
-    width, depth, _, patch = vit.parse_variant(variant)
-    patches = vit.num_patches(image_size, patch)
-    n = 1 + (patches if kept_tokens is None else kept_tokens)
-    embed = 2 * patches * patch * patch * channels * width
-    block = 24 * n * width * width + 4 * n * n * width  # qkv, proj, mlp; scores and weighted sum
-    return embed + depth * block + 2 * width * num_classes
-
-
-def step_flops(config, num_classes: int) -> float:
-    """FLOPs of one train step: 3x the forward of the main and (if any) the sub-branch."""
-    c = config
-    args = (c.model.variant, c.data.image_size, num_classes, len(c.data.mean))
-    flops = forward_flops(*args)
+def step_flops(config, num_classes: int) -> float | None:
+    """FLOPs of one train step: 3x the forward of the main and (if any) the sub-branch. None where the
+    model family counts no FLOPs (then XLA's count is all there is)."""
+    c, family = config, models.of(config)
+    if not hasattr(family, "forward_flops"):
+        return None
+    flops = family.forward_flops(c, num_classes)
     if c.masksub.mode != "none" and c.masksub.ratio > 0:
-        kept = None
-        if c.masksub.mode == "masking":
-            patches = vit.num_patches(c.data.image_size, vit.parse_variant(c.model.variant)[3])
-            kept = masksub.num_kept(patches, c.masksub.ratio)
-        flops += forward_flops(*args, kept_tokens=kept)
+        kept = masksub.num_kept(family.num_units(c), c.masksub.ratio) if c.masksub.mode == "masking" else None
+        flops += family.forward_flops(c, num_classes, kept)
     return 3 * c.batch_size * flops
 
 
@@ -161,9 +150,9 @@ def measure_steps(config, modes, *, ratio: float, num_classes: int, rounds: int,
     results = []
     for mode, runner in runners.items():
         step_s = float(np.median(times[mode]))
-        flops = step_flops(runner.config, num_classes)
+        flops = step_flops(runner.config, num_classes) or _xla_flops(runner.compiled)
         results.append({
-            "mode": mode, "ratio": runner.config.masksub.ratio, "variant": config.model.variant,
+            "mode": mode, "ratio": runner.config.masksub.ratio, "variant": models.of(config).describe(config),
             "image_size": config.data.image_size, "batch": config.batch_size, "dtype": config.model.dtype,
             "memory_lean": config.masksub.memory_lean, "step_time_s": step_s, "step_times_s": times[mode],
             "images_per_s": config.batch_size / step_s, "compile_s": runner.compile_s,
@@ -262,7 +251,7 @@ def measure_checkpoint(config, *, num_classes: int, rounds: int) -> dict:
                 times["restore_s"].append(time.perf_counter() - start)
     result = {k: float(np.median(v)) for k, v in times.items()}
     result["state_mb"] = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
-    result["variant"] = config.model.variant
+    result["variant"] = models.of(config).describe(config)
     return result
 
 
@@ -280,7 +269,7 @@ def main(argv):
     config_lib.validate(config, num_devices=1)
     if argv[1] == "checkpoint":
         result = measure_checkpoint(config, num_classes=f.num_classes, rounds=f.rounds)
-        print(f"ViT-{result['variant']} train state {result['state_mb']:.0f} MB: save {result['save_s']:.2f} s, "
+        print(f"{result['variant']} train state {result['state_mb']:.0f} MB: save {result['save_s']:.2f} s, "
               f"restore {result['restore_s']:.2f} s (both with checksums), checksums alone "
               f"{result['fingerprint_s']:.3f} s, once in each", flush=True)
         _write_json([result], f.json)

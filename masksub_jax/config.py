@@ -10,8 +10,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-from masksub_jax import losses, masksub
-from masksub_jax.models import vit
+from masksub_jax import losses, masksub, models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,10 +54,11 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = "S/16"  # NAME/PATCH with NAME in mu, Ti, S, B, L, H
-    c.model.drop_path = 0.0
+    c.model.family = "vit"  # vit | the import path of your own family (masksub_jax/models/__init__.py)
+    c.model.variant = "S/16"  # the family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H
+    c.model.drop_path = 0.0  # ViT: every block's
     c.model.dropout = 0.0
-    c.model.layerscale_init = 1e-4
+    c.model.layerscale_init = 1e-4  # ViT only
     c.model.remat = False  # recompute each block's activations in the backward pass
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
@@ -183,11 +183,10 @@ def _require(ok: bool, key: str, value, fix: str):
 def validate(config, num_devices: int = 1) -> None:
     """Checks every key's type and range; raises ValueError naming the key and the fix."""
     _check_types(config)
-    _, _, _, patch = vit.parse_variant(config.model.variant)
     c = config
+    family = models.of(c)
+    family.check(c)  # the variant, and the image sizes that fit it
     _require(c.data.source in SOURCES, "data.source", c.data.source, f"use one of {SOURCES}")
-    _require(c.data.image_size > 0 and c.data.image_size % patch == 0, "data.image_size", c.data.image_size,
-             f"must be a positive multiple of the patch size {patch} of model.variant={c.model.variant!r}")
     _require(0 < c.data.crop_ratio <= 1, "data.crop_ratio", c.data.crop_ratio, "must be in (0, 1]")
     _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,
              "use 'fail' or 'skip'")
@@ -209,9 +208,9 @@ def validate(config, num_devices: int = 1) -> None:
     _require(c.masksub.mode in masksub.MODES, "masksub.mode", c.masksub.mode, f"use one of {masksub.MODES}")
     _require(0 <= c.masksub.ratio < 1, "masksub.ratio", c.masksub.ratio, "must be in [0, 1)")
     if c.masksub.mode == "masking" and c.masksub.ratio > 0:
-        tokens = vit.num_patches(c.data.image_size, patch)
-        _require(masksub.num_kept(tokens, c.masksub.ratio) >= 1, "masksub.ratio", c.masksub.ratio,
-                 f"keeps no token of {tokens}; lower the ratio")
+        units = family.num_units(c)
+        _require(masksub.num_kept(units, c.masksub.ratio) >= 1, "masksub.ratio", c.masksub.ratio,
+                 f"keeps none of the {units} masking units of {family.describe(c)}; lower the ratio")
     _require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"use one of {DTYPES}")
     for key in ("drop_path", "dropout"):
         _require(0 <= c.model[key] < 1, f"model.{key}", c.model[key], "must be in [0, 1)")

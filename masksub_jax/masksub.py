@@ -2,7 +2,8 @@
 main branch's (stop-gradient) predictions; one gradient of 0.5 * main + 0.5 * sub per step.
 
 This module knows no model. A model's forward takes the corruption as keyword arguments
-(see `models/vit.py`); `corruption` draws them.
+(masksub_jax/models/__init__.py); `corruption` draws them over the model's masking units (ViT's patch
+tokens, Swin's blocks of pixels).
 """
 from typing import Callable
 
@@ -17,25 +18,25 @@ MODES = ("none", "masking", "dropout", "droppath")
 Forward = Callable[..., jax.Array]
 
 
-def num_kept(num_tokens: int, ratio: float) -> int:
-    return int(num_tokens * (1 - ratio))
+def num_kept(num_units: int, ratio: float) -> int:
+    return int(num_units * (1 - ratio))
 
 
-def keep_indices(rng, batch_size: int, num_tokens: int, ratio: float, first_example=0) -> jax.Array:
+def keep_indices(rng, batch_size: int, num_units: int, ratio: float, first_example=0) -> jax.Array:
     """Per example, an independent uniformly random subset of `int(L * (1 - ratio))` token indices
     (MAE's argsort of uniform noise). Static shape (batch_size, len_keep).
 
     Example j's noise comes from fold_in(rng, first_example + j), so a batch split into micro-batches
     (with their offsets) gets the same subsets as the whole batch."""
     keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(first_example + jnp.arange(batch_size))
-    noise = jax.vmap(lambda key: jax.random.uniform(key, (num_tokens,)))(keys)
-    return jnp.argsort(noise, axis=1)[:, :num_kept(num_tokens, ratio)].astype(jnp.int32)
+    noise = jax.vmap(lambda key: jax.random.uniform(key, (num_units,)))(keys)
+    return jnp.argsort(noise, axis=1)[:, :num_kept(num_units, ratio)].astype(jnp.int32)
 
 
-def corruption(mode: str, ratio: float, rng, batch_size: int, num_tokens: int, first_example=0) -> dict:
+def corruption(mode: str, ratio: float, rng, batch_size: int, num_units: int, first_example=0) -> dict:
     """The forward's keyword arguments that turn the main branch into the sub-branch."""
     if mode == "masking":
-        return {"keep_idx": keep_indices(rng, batch_size, num_tokens, ratio, first_example)}
+        return {"keep_idx": keep_indices(rng, batch_size, num_units, ratio, first_example)}
     if mode == "dropout":
         return {"dropout_rate": ratio}
     if mode == "droppath":
@@ -43,7 +44,7 @@ def corruption(mode: str, ratio: float, rng, batch_size: int, num_tokens: int, f
     raise ValueError(f"Unknown MaskSub mode {mode!r}; use one of {MODES}.")
 
 
-def branches(forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float, num_tokens: int,
+def branches(forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float, num_units: int,
              first_example=0):
     """The two branches' losses as functions of the parameters, with the step's randomness fixed:
     main(params) -> (loss_main, logits_main) and sub(params, teacher) -> loss_sub. `first_example`:
@@ -55,7 +56,7 @@ def branches(forward: Forward, images, targets, rng, *, loss: Loss, mode: str, r
         return loss.fn(logits, loss.main_targets(targets)), logits
 
     def sub(params, teacher):
-        corrupt = corruption(mode, ratio, rng_corrupt, images.shape[0], num_tokens, first_example)
+        corrupt = corruption(mode, ratio, rng_corrupt, images.shape[0], num_units, first_example)
         return loss.fn(forward(params, images, rng_sub, **corrupt), teacher)
     return main, sub
 
@@ -65,9 +66,9 @@ def _is_plain(mode: str, ratio: float) -> bool:
 
 
 def loss_fn(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
-            num_tokens: int, first_example=0):
+            num_units: int, first_example=0):
     """The step's loss. Returns (loss, aux) with aux = dict(logits_main, loss_main, loss_sub)."""
-    main, sub = branches(forward, images, targets, rng, loss=loss, mode=mode, ratio=ratio, num_tokens=num_tokens,
+    main, sub = branches(forward, images, targets, rng, loss=loss, mode=mode, ratio=ratio, num_units=num_units,
                          first_example=first_example)
     loss_main, logits_main = main(params)
     if _is_plain(mode, ratio):
@@ -78,7 +79,7 @@ def loss_fn(params, forward: Forward, images, targets, rng, *, loss: Loss, mode:
 
 
 def grads(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
-          num_tokens: int, memory_lean: bool = False, first_example=0):
+          num_units: int, memory_lean: bool = False, first_example=0):
     """((loss, aux), gradient) of `loss_fn`.
 
     memory_lean: the official order instead of one fused backward. The main branch's gradient is
@@ -86,7 +87,7 @@ def grads(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: s
     forward before the main backward, so the main activations are freed first and peak memory is
     about that of the plain recipe. Same result, up to float rounding.
     """
-    kwargs = dict(loss=loss, mode=mode, ratio=ratio, num_tokens=num_tokens, first_example=first_example)
+    kwargs = dict(loss=loss, mode=mode, ratio=ratio, num_units=num_units, first_example=first_example)
     if not memory_lean or _is_plain(mode, ratio):
         return jax.value_and_grad(loss_fn, has_aux=True)(params, forward, images, targets, rng, **kwargs)
 

@@ -2,19 +2,20 @@
 
 LAMB here is the official one (apex FusedLAMB / timm Lamb), not `optax.lamb`: the global gradient
 norm is clipped first, and the trust ratio ||w|| / ||update|| applies only to parameters that get
-weight decay. No weight decay (hence no trust ratio) on 1-D parameters, pos_embed and cls_token.
+weight decay. No weight decay (hence no trust ratio) on 1-D parameters and on those the model family
+names (ViT: pos_embed, cls_token; Swin: mask_token, relative_position_bias_table).
 """
+import functools
+
 import jax
 import optax
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
-
-def decay_mask(params):
+def decay_mask(params, no_decay: tuple = ()):
     """True for the parameters that get weight decay (and, with LAMB, the trust ratio)."""
     def wants_decay(path, leaf):
         name = getattr(path[-1], "key", str(path[-1]))
-        return leaf.ndim > 1 and name not in NO_DECAY_NAMES
+        return leaf.ndim > 1 and name not in no_decay
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
@@ -27,14 +28,16 @@ def lr_schedule(*, lr: float, min_lr: float, warmup_init_lr: float, warmup_steps
 
 
 def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float,
-         eps: float, grad_clip_norm: float) -> optax.GradientTransformation:
-    """'lamb' or 'adamw' with decoupled, masked weight decay and optional global-norm clipping."""
+         eps: float, grad_clip_norm: float, no_decay: tuple = ()) -> optax.GradientTransformation:
+    """'lamb' or 'adamw' with decoupled, masked weight decay and optional global-norm clipping;
+    `no_decay` names the parameters (besides the 1-D ones) without weight decay."""
     if name not in ("lamb", "adamw"):
         raise ValueError(f"Unknown optimizer {name!r}; use 'lamb' or 'adamw'.")
+    mask = functools.partial(decay_mask, no_decay=tuple(no_decay))
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
     parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-              optax.add_decayed_weights(weight_decay, mask=decay_mask)]
+              optax.add_decayed_weights(weight_decay, mask=mask)]
     if name == "lamb":
-        parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
+        parts.append(optax.masked(optax.scale_by_trust_ratio(), mask))
     parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)

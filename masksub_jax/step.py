@@ -8,14 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from masksub_jax import erasing, losses, masksub, mixing, optim
-from masksub_jax.models import vit
+from masksub_jax import erasing, losses, masksub, mixing, models, optim
 
 
-def make_model(config, num_classes: int) -> vit.ViT:
-    m = config.model
-    return vit.ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
-                   layerscale_init=m.layerscale_init, remat=m.remat, dtype=jnp.dtype(m.dtype))
+def make_model(config, num_classes: int):
+    """The network of config.model.family (masksub_jax/models/)."""
+    return models.of(config).build(config, num_classes)
 
 
 def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
@@ -24,7 +22,7 @@ def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
     schedule = optim.lr_schedule(lr=o.lr, min_lr=o.min_lr, warmup_init_lr=o.warmup_init_lr,
                                  warmup_steps=round(o.warmup_epochs * steps_per_epoch), total_steps=total_steps)
     tx = optim.make(o.name, schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                    grad_clip_norm=o.grad_clip_norm)
+                    grad_clip_norm=o.grad_clip_norm, no_decay=getattr(models.of(config), "NO_DECAY", ()))
     return tx, schedule
 
 
@@ -46,7 +44,7 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
     """Random erasing and mixup once, then the MaskSub loss's gradient, then one optimizer update."""
     normalise = _normaliser(config)
     loss = losses.LOSSES[config.loss]
-    num_tokens = vit.num_patches(config.data.image_size, vit.parse_variant(config.model.variant)[3])
+    num_units = models.of(config).num_units(config)
 
     def forward(params, images, rng, **corruption):
         rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
@@ -58,7 +56,7 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         def micro_forward(params, images, rng, **corruption):
             return forward(params, images, rng, first_example=index * images.shape[0], **corruption)
         return masksub.grads(params, micro_forward, images, targets, rng, loss=loss, mode=config.masksub.mode,
-                             ratio=config.masksub.ratio, num_tokens=num_tokens,
+                             ratio=config.masksub.ratio, num_units=num_units,
                              memory_lean=config.masksub.memory_lean, first_example=index * images.shape[0])
 
     def accumulated_grads(params, images, targets, rng):

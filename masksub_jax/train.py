@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from masksub_jax import checkpoint, convert, metrics, preemption, sharding
+from masksub_jax import checkpoint, convert, metrics, models, preemption, sharding
 from masksub_jax import workdir as workdir_lib
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
@@ -87,7 +87,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         start_step = 0
         if config.init_from:
             params = convert.adapt_params(convert.read_params(config.init_from), jax.device_get(state["params"]),
-                                          say=say)
+                                          family=config.model.family, say=say)
             state["params"] = jax.device_put(params, state_sharding["params"])
             say(f"Initialised the parameters from {config.init_from}.")
     else:
@@ -130,7 +130,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     writer = metrics.make_writer(workdir, is_chief, start_step)
     writer.write_hparams(flat)  # kept once per run (metrics.py)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
-    say(f"Training ViT-{config.model.variant} ({_count(state['params']) / 1e6:.2f}M params) "
+    say(f"Training {models.of(config).describe(config)} ({_count(state['params']) / 1e6:.2f}M params) "
         f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
         f"{total_steps} steps of {config.batch_size} on {jax.device_count()} device(s).")
     pending, window = [], []  # step metrics on the device; fetched ones since the last log line

@@ -3,14 +3,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from masksub_jax import bench
+from masksub_jax import bench, models
 from tests.conftest import tiny_digits_config
 
 
-def _xla_forward_flops(variant, image_size, keep=None):
-    from masksub_jax.models import vit  # pylint: disable=import-outside-toplevel
-    model = vit.ViT(num_classes=10, variant=variant)
-    images = jnp.zeros((1, image_size, image_size, 3))
+def _xla_forward_flops(config, keep=None):
+    model = models.of(config).build(config, 10)
+    images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
     params = model.init(jax.random.PRNGKey(0), images)
     kwargs = {} if keep is None else {"keep_idx": jnp.arange(keep)[None]}
     compiled = jax.jit(lambda p, x: model.apply(p, x, **kwargs)).lower(params, images).compile()
@@ -18,10 +17,13 @@ def _xla_forward_flops(variant, image_size, keep=None):
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-@pytest.mark.parametrize("keep", [None, 32])
-def test_counted_forward_flops_match_xla(keep):
-    counted = bench.forward_flops("Ti/4", 32, 10, kept_tokens=keep)
-    assert counted == pytest.approx(_xla_forward_flops("Ti/4", 32, keep), rel=0.1)  # + elementwise ops
+@pytest.mark.parametrize("family,variant,image_size,keep", [("vit", "Ti/4", 32, None), ("vit", "Ti/4", 32, 32)])
+def test_counted_forward_flops_match_xla(family, variant, image_size, keep):
+    config = tiny_digits_config("/unused", **{"model.family": family, "model.variant": variant,
+                                              "data.image_size": image_size, "data.mean": (0.5,) * 3,
+                                              "data.std": (0.5,) * 3})
+    counted = models.of(config).forward_flops(config, 10, keep)
+    assert counted == pytest.approx(_xla_forward_flops(config, keep), rel=0.1)  # + elementwise ops
 
 
 def test_masksub_step_costs_about_one_and_a_half_baseline_steps():

@@ -53,7 +53,7 @@ def test_fused_gradient_equals_half_main_plus_half_sub_with_fixed_teacher(loss_n
     loss = losses.LOSSES[loss_name]
     rng = jax.random.PRNGKey(7)
     (total, aux), grads = jax.value_and_grad(masksub.loss_fn, has_aux=True)(
-        params, forward, images, targets, rng, loss=loss, mode=mode, ratio=0.5, num_tokens=16)
+        params, forward, images, targets, rng, loss=loss, mode=mode, ratio=0.5, num_units=16)
 
     # Independently: two separate gradients, the sub one against a precomputed, constant teacher.
     rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
@@ -85,7 +85,7 @@ def test_plain_recipe_has_no_sub_branch(mode, ratio):
     loss = losses.LOSSES["ce"]
     rng = jax.random.PRNGKey(7)
     total, aux = masksub.loss_fn(params, forward, images, targets, rng, loss=loss, mode=mode, ratio=ratio,
-                                 num_tokens=16)
+                                 num_units=16)
     rng_main = jax.random.split(rng, 3)[0]
     np.testing.assert_allclose(total, loss.fn(forward(params, images, rng_main), targets), rtol=1e-6)
     assert np.isnan(aux["loss_sub"])
@@ -99,7 +99,7 @@ def test_unknown_mode_is_a_clear_error():
 @pytest.mark.parametrize("mode", ["masking", "dropout"])
 def test_memory_lean_order_gives_the_fused_gradient(mode):
     forward, params, images, targets = _setup()
-    kwargs = dict(loss=losses.LOSSES["bce"], mode=mode, ratio=0.5, num_tokens=16)
+    kwargs = dict(loss=losses.LOSSES["bce"], mode=mode, ratio=0.5, num_units=16)
     rng = jax.random.PRNGKey(3)
     (total, aux), fused = masksub.grads(params, forward, images, targets, rng, **kwargs)
     (total_lean, aux_lean), lean = jax.jit(

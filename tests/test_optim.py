@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from masksub_jax import optim
+from masksub_jax.models import vit
 
 
 def _params_and_grads():
@@ -45,7 +46,8 @@ def _numpy_step(name, params, grads, state, t, *, lr, wd, b1=0.9, b2=0.999, eps=
 @pytest.mark.parametrize("name", ["lamb", "adamw"])
 def test_two_updates_match_the_official_rule(name):
     params, grads = _params_and_grads()
-    tx = optim.make(name, lambda step: 0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
+    tx = optim.make(name, lambda step: 0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
+                    no_decay=vit.NO_DECAY)
     opt_state = tx.init(params)
     ours, theirs, np_state = params, params, {}
     for t in (1, 2):
@@ -60,8 +62,10 @@ def test_two_updates_match_the_official_rule(name):
 def test_lamb_trust_ratio_only_on_decayed_params():
     """A 1-D param moves by exactly lr * adam-update under LAMB: no trust ratio applied."""
     params, grads = _params_and_grads()
-    lamb = optim.make("lamb", lambda step: 0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0)
-    adam = optim.make("adamw", lambda step: 0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0)
+    lamb = optim.make("lamb", lambda step: 0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0,
+                       no_decay=vit.NO_DECAY)
+    adam = optim.make("adamw", lambda step: 0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0,
+                       no_decay=vit.NO_DECAY)
     u_lamb, _ = lamb.update(grads, lamb.init(params), params)
     u_adam, _ = adam.update(grads, adam.init(params), params)
     np.testing.assert_allclose(u_lamb["blocks_0"]["fc1"]["bias"], u_adam["blocks_0"]["fc1"]["bias"], rtol=1e-6)
@@ -73,7 +77,7 @@ def test_lamb_trust_ratio_only_on_decayed_params():
 
 def test_decay_mask():
     params, _ = _params_and_grads()
-    mask = optim.decay_mask(params)
+    mask = optim.decay_mask(params, vit.NO_DECAY)
     assert mask["blocks_0"]["fc1"]["kernel"] and mask["head"]["kernel"]
     assert not any([mask["blocks_0"]["fc1"]["bias"], mask["blocks_0"]["gamma_1"], mask["pos_embed"],
                     mask["cls_token"], mask["head"]["bias"]])
@@ -90,4 +94,5 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="Unknown optimizer 'sgd'"):
-        optim.make("sgd", lambda s: 1.0, weight_decay=0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0)
+        optim.make("sgd", lambda s: 1.0, weight_decay=0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0,
+                       no_decay=vit.NO_DECAY)

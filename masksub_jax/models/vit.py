@@ -12,11 +12,16 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
 `first_example`: the index of images[0] in the step's batch; dropout and drop-path masks are drawn
 per example from it, so a batch split into micro-batches draws what the whole batch would.
 """
+import re
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from masksub_jax.models.layers import Dropout, DropPath, Mlp, conv_init, dense_init
+from masksub_jax.models.weights import ConversionError, flatten, linear_to_ours, linear_to_timm, listed, nest
 
 # name -> (width, depth, heads). Patch size comes after the slash: "B/16".
 VARIANTS = {
@@ -28,10 +33,6 @@ VARIANTS = {
     "H": (1280, 32, 16),
 }
 
-_dense_init = nn.initializers.truncated_normal(0.02)
-# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)), which DeiT-III keeps for the patch
-# embedding: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def parse_variant(variant: str) -> tuple[int, int, int, int]:
@@ -79,38 +80,6 @@ def attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v)
 
 
-def per_example_mask(key, example_ids, keep_prob: float, shape) -> jax.Array:
-    """Bernoulli(keep_prob) masks of `shape` (batch first), example j's drawn from
-    fold_in(key, example_ids[j]): the same whether the batch is whole or split into micro-batches."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
-    return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape[1:]))(keys)
-
-
-class Dropout(nn.Module):
-    """Elementwise dropout whose mask is drawn per example (see `per_example_mask`)."""
-    rate: float
-    rng_collection = "dropout"
-
-    def mask_shape(self, x):
-        return x.shape
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool, example_ids):
-        if deterministic or self.rate == 0.0:
-            return x
-        keep_prob = 1.0 - self.rate
-        mask = per_example_mask(self.make_rng(self.rng_collection), example_ids, keep_prob, self.mask_shape(x))
-        return jnp.where(mask, x / keep_prob, 0.0).astype(x.dtype)
-
-
-class DropPath(Dropout):
-    """Stochastic depth: drops the whole residual branch per example, rescales the kept ones."""
-    rng_collection = "droppath"
-
-    def mask_shape(self, x):
-        return (x.shape[0],) + (1,) * (x.ndim - 1)
-
-
 class Attention(nn.Module):
     num_heads: int
     dropout: float
@@ -120,26 +89,11 @@ class Attention(nn.Module):
     def __call__(self, x, deterministic: bool, example_ids):
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
-        qkv = nn.Dense(3 * width, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
+        qkv = nn.Dense(3 * width, kernel_init=dense_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 3, axis=2)
         out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-        out = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, width))
+        out = nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, width))
         return Dropout(self.dropout)(out, deterministic, example_ids)
-
-
-class Mlp(nn.Module):
-    hidden: int
-    dropout: float
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool, example_ids):
-        width = x.shape[-1]
-        x = nn.Dense(self.hidden, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
-        x = Dropout(self.dropout)(x, deterministic, example_ids)
-        x = nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
-        return Dropout(self.dropout)(x, deterministic, example_ids)
 
 
 class Block(nn.Module):
@@ -187,13 +141,13 @@ class ViT(nn.Module):
             raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch} "
                              f"of ViT-{self.variant}; pick an image size that is a multiple of {patch}.")
         x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
-                    kernel_init=_conv_init, dtype=self.dtype, name="patch_embed")(images)
+                    kernel_init=conv_init, dtype=self.dtype, name="patch_embed")(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, width)
-        x = x + self.param("pos_embed", _dense_init, (1, x.shape[1], width)).astype(self.dtype)
+        x = x + self.param("pos_embed", dense_init, (1, x.shape[1], width)).astype(self.dtype)
         if keep_idx is not None:  # MaskSub token dropping: each example keeps its own subset.
             x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
-        cls = self.param("cls_token", _dense_init, (1, 1, width))
+        cls = self.param("cls_token", dense_init, (1, 1, width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
 
         # Dropout and drop-path draw per example, keyed by its index in the step's batch.
@@ -205,5 +159,171 @@ class ViT(nn.Module):
             x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init, self.dtype,
                       name=f"blocks_{i}")(x, not train, example_ids)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
+        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="head")(x[:, 0])
         return logits.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The family interface (masksub_jax/models/__init__.py).
+NO_DECAY = ("pos_embed", "cls_token")
+
+
+def describe(config) -> str:
+    return f"ViT-{config.model.variant}"
+
+
+def check(config) -> None:
+    try:
+        patch = parse_variant(config.model.variant)[3]
+    except ValueError as e:
+        raise ValueError(f"Config model.variant={config.model.variant!r} is invalid: {e}") from None
+    size = config.data.image_size
+    if size <= 0 or size % patch:
+        raise ValueError(f"Config data.image_size={size!r} is invalid: must be a positive multiple of the patch "
+                         f"size {patch} of model.variant={config.model.variant!r}.")
+
+
+def build(config, num_classes: int) -> ViT:
+    m = config.model
+    return ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
+               layerscale_init=m.layerscale_init, remat=m.remat, dtype=jnp.dtype(m.dtype))
+
+
+def num_units(config) -> int:
+    """MaskSub's masking keeps or drops patch tokens."""
+    return num_patches(config.data.image_size, parse_variant(config.model.variant)[3])
+
+
+def forward_flops(config, num_classes: int, kept_units: int | None = None) -> float:
+    """Matmul FLOPs of one image's forward pass; `kept_units` patch tokens enter the blocks."""
+    width, depth, _, patch = parse_variant(config.model.variant)
+    patches = num_units(config)
+    n = 1 + (patches if kept_units is None else kept_units)
+    embed = 2 * patches * patch * patch * len(config.data.mean) * width
+    block = 24 * n * width * width + 4 * n * n * width  # qkv, proj, mlp; scores and weighted sum
+    return embed + depth * block + 2 * width * num_classes
+
+
+# --------------------------------------------------------------------------------------------------
+# timm weights: DeiT-III (timm deit3_*: pos_embed without a cls slot, LayerScale `ls1.gamma`), MAE and
+# augreg (pos_embed with a cls slot, folded into our cls token, which is exact since the slot is only
+# ever added to it; no LayerScale, our gammas are 1).
+_BLOCK = {
+    "norm1/scale": "norm1.weight", "norm1/bias": "norm1.bias",
+    "norm2/scale": "norm2.weight", "norm2/bias": "norm2.bias",
+    "attn/qkv/kernel": "attn.qkv.weight", "attn/qkv/bias": "attn.qkv.bias",
+    "attn/proj/kernel": "attn.proj.weight", "attn/proj/bias": "attn.proj.bias",
+    "mlp/fc1/kernel": "mlp.fc1.weight", "mlp/fc1/bias": "mlp.fc1.bias",
+    "mlp/fc2/kernel": "mlp.fc2.weight", "mlp/fc2/bias": "mlp.fc2.bias",
+    "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma",
+}
+_TOP = {"norm/scale": "norm.weight", "norm/bias": "norm.bias", "head/kernel": "head.weight",
+        "head/bias": "head.bias", "patch_embed/kernel": "patch_embed.proj.weight",
+        "patch_embed/bias": "patch_embed.proj.bias", "cls_token": "cls_token", "pos_embed": "pos_embed"}
+# Keys of timm checkpoints that carry no parameters of this architecture and are dropped silently.
+_IGNORED = re.compile(r"^(pos_drop|patch_drop|norm_pre|fc_norm)\.|\.num_batches_tracked$")
+
+
+def _names(depth: int) -> dict[str, str]:
+    names = dict(_TOP)
+    for i in range(depth):
+        names.update({f"blocks_{i}/{ours}": f"blocks.{i}.{theirs}" for ours, theirs in _BLOCK.items()})
+    return names
+
+
+def resize_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
+    """(1, g*g, D) patch position embeddings resampled to (1, grid*grid, D) as timm does (bicubic,
+    antialiased when shrinking)."""
+    old = int(round(np.sqrt(pos_embed.shape[1])))
+    if old * old != pos_embed.shape[1]:
+        raise ConversionError(f"pos_embed has {pos_embed.shape[1]} patch positions, not a square grid.")
+    if old == grid:
+        return pos_embed
+    table = jnp.asarray(pos_embed.reshape(old, old, -1), jnp.float32)
+    resized = jax.image.resize(table, (grid, grid, table.shape[-1]), "bicubic", antialias=True)
+    return np.asarray(resized).reshape(1, grid * grid, -1).astype(pos_embed.dtype)
+
+
+def from_timm(state_dict, *, variant: str, image_size: int, num_classes: int | None = None) -> dict:
+    """A timm ViT / DeiT-III / MAE / augreg state dict (name -> array) as our parameter tree.
+
+    The head is left out when the checkpoint has none or `num_classes` differs from it; the trainer
+    then keeps its freshly initialised head. Raises ConversionError naming missing, unexpected and
+    misshapen keys.
+    """
+    width, depth, _, patch = parse_variant(variant)
+    sd = {k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()}
+    sd = {k: v for k, v in sd.items() if not _IGNORED.search(k)}
+    if "fc_norm.weight" in state_dict or "fc_norm.bias" in state_dict:
+        raise ConversionError("This checkpoint pools tokens with fc_norm (global pooling); our ViT reads the "
+                              "cls token. Use a cls-token checkpoint (DeiT-III, MAE pretraining, augreg).")
+    names = _names(depth)
+    has_layerscale = "blocks.0.ls1.gamma" in sd
+    has_head = "head.weight" in sd and (num_classes is None or sd["head.weight"].shape[0] == num_classes)
+    expected = {theirs for ours, theirs in names.items()
+                if (has_layerscale or not ours.startswith("blocks_") or "gamma" not in ours)
+                and (has_head or not ours.startswith("head/"))}
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - expected - ({"head.weight", "head.bias"} if not has_head else set())
+    if missing or unexpected:
+        raise ConversionError(f"The checkpoint does not fit ViT-{variant}: missing keys {listed(missing)}, "
+                              f"unexpected keys {listed(unexpected)}. Check --variant (width {width}, "
+                              f"depth {depth}, patch {patch}).")
+    params = {}
+    for ours, theirs in names.items():
+        if ours.startswith("head/") and not has_head:
+            continue
+        if theirs not in sd:
+            if "gamma" in ours:  # no LayerScale: a gamma of 1 is the identity
+                params[ours] = np.ones(width, np.float32)
+            continue
+        params[ours] = linear_to_ours(ours, sd[theirs]).astype(np.float32)
+
+    pos, cls = params["pos_embed"], params["cls_token"]
+    grid = image_size // patch
+    if pos.shape[1] == int(round(np.sqrt(pos.shape[1] - 1))) ** 2 + 1:  # a cls slot (MAE, augreg)
+        params["cls_token"] = cls + pos[:, :1]
+        pos = pos[:, 1:]
+    params["pos_embed"] = resize_pos_embed(pos, grid)
+    wanted = _expected_shapes(width, depth, patch, params.get("patch_embed/kernel", np.zeros((1, 1, 3))).shape[2],
+                              params.get("head/kernel", np.zeros((1, 0))).shape[1], grid)
+    wrong = [f"{k}: {params[k].shape} (ViT-{variant} wants {s})" for k, s in wanted.items()
+             if k in params and params[k].shape != s]
+    if wrong:
+        raise ConversionError(f"Shapes do not fit ViT-{variant}: {'; '.join(wrong[:6])}.")
+    return nest(params)
+
+
+def _expected_shapes(width, depth, patch, channels, num_classes, grid) -> dict[str, tuple]:
+    shapes = {"patch_embed/kernel": (patch, patch, channels, width), "patch_embed/bias": (width,),
+              "cls_token": (1, 1, width), "pos_embed": (1, grid * grid, width), "norm/scale": (width,),
+              "norm/bias": (width,), "head/kernel": (width, num_classes), "head/bias": (num_classes,)}
+    block = {"norm1/scale": (width,), "norm1/bias": (width,), "norm2/scale": (width,), "norm2/bias": (width,),
+             "attn/qkv/kernel": (width, 3 * width), "attn/qkv/bias": (3 * width,),
+             "attn/proj/kernel": (width, width), "attn/proj/bias": (width,),
+             "mlp/fc1/kernel": (width, 4 * width), "mlp/fc1/bias": (4 * width,),
+             "mlp/fc2/kernel": (4 * width, width), "mlp/fc2/bias": (width,), "gamma_1": (width,), "gamma_2": (width,)}
+    for i in range(depth):
+        shapes.update({f"blocks_{i}/{k}": v for k, v in block.items()})
+    return shapes
+
+
+def to_timm(params) -> dict[str, np.ndarray]:
+    """Our parameters as a timm DeiT-III state dict (`timm.create_model('deit3_...')` loads it with
+    `load_state_dict`; pos_embed without a cls slot)."""
+    flat = flatten(params)
+    depth = len({k.split("/")[0] for k in flat if k.startswith("blocks_")})
+    names = _names(depth)
+    unknown = set(flat) - set(names)
+    if unknown:
+        raise ConversionError(f"Not parameters of our ViT: {listed(unknown)}.")
+    return {names[k]: np.ascontiguousarray(linear_to_timm(k, v)) for k, v in flat.items()}
+
+
+def adapt(name: str, loaded: np.ndarray, initial: np.ndarray, say) -> np.ndarray | None:
+    """config.init_from: pos_embed is resampled to the configured grid."""
+    if name == "pos_embed" and loaded.shape != initial.shape:
+        resized = resize_pos_embed(loaded, int(round(np.sqrt(initial.shape[1]))))
+        say(f"init_from: resampled pos_embed from {loaded.shape} to {resized.shape}.")
+        return resized
+    return loaded if loaded.shape == initial.shape else None
