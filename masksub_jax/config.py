@@ -54,9 +54,9 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "vit"  # vit | the import path of your own family (masksub_jax/models/__init__.py)
-    c.model.variant = "S/16"  # the family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H
-    c.model.drop_path = 0.0  # ViT: every block's
+    c.model.family = "vit"  # vit | swin | the import path of your own family (masksub_jax/models/__init__.py)
+    c.model.variant = "S/16"  # the family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4
+    c.model.drop_path = 0.0  # ViT: every block's; Swin: the last block's, rising linearly from 0
     c.model.dropout = 0.0
     c.model.layerscale_init = 1e-4  # ViT only
     c.model.remat = False  # recompute each block's activations in the backward pass
@@ -66,6 +66,7 @@ def base() -> ml_collections.ConfigDict:
     c.masksub.mode = "masking"  # none | masking | dropout | droppath
     c.masksub.ratio = 0.5
     c.masksub.memory_lean = False  # main backward before sub forward: baseline-like peak memory
+    c.masksub.block_size = 32  # pixels: the square blocks that masking keeps or masks (Swin); ViT masks its patches
 
     c.loss = "bce"  # bce | ce
     c.label_smoothing = 0.0
@@ -122,6 +123,24 @@ def deit3_pretraining(arg: str | None, *, variant: str, image_size: int, lr: flo
     c.optim.lr = lr
     c.optim.weight_decay, c.model.drop_path = schedules[epochs]
     c.total_epochs = float(epochs)
+    return c
+
+
+def swin_recipe(arg: str | None, *, variant: str, drop_path: float) -> ml_collections.ConfigDict:
+    """The Swin ImageNet-1k recipe with MaskSub 0.5 on 32 px blocks (method reference, section 3):
+    300 epochs, batch 1024, AdamW lr 1e-3 (Swin's 5e-4 per 512), warmup 20 epochs from 1e-6, cosine
+    to 1e-5, wd 0.05, clip 5, soft-target CE with smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment
+    rand-m9-mstd0.5-inc1, random erasing 0.25, no repeated augmentation, eval crop 224 of 256."""
+    parse_arg(arg)
+    c = base()
+    c.model.family, c.model.variant, c.model.drop_path = "swin", variant, drop_path
+    c.data.image_size, c.data.crop_ratio = 224, 0.875
+    c.data.augment, c.data.random_erasing, c.data.repeated_aug = "rand-m9-mstd0.5-inc1", 0.25, 1
+    c.loss, c.label_smoothing = "ce", 0.1
+    c.optim.name, c.optim.lr, c.optim.min_lr, c.optim.warmup_init_lr = "adamw", 1e-3, 1e-5, 1e-6
+    c.optim.warmup_epochs, c.optim.weight_decay, c.optim.grad_clip_norm = 20.0, 0.05, 5.0
+    c.batch_size, c.total_epochs = 1024, 300.0
+    c.eval_every_steps = 12510  # every 10 epochs of 1251 steps
     return c
 
 

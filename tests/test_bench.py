@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from masksub_jax import bench, models
+from masksub_jax.models import swin
 from tests.conftest import tiny_digits_config
 
 
@@ -17,11 +18,13 @@ def _xla_forward_flops(config, keep=None):
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-@pytest.mark.parametrize("family,variant,image_size,keep", [("vit", "Ti/4", 32, None), ("vit", "Ti/4", 32, 32)])
-def test_counted_forward_flops_match_xla(family, variant, image_size, keep):
+@pytest.mark.parametrize("family,variant,image_size,keep", [("vit", "Ti/4", 32, None), ("vit", "Ti/4", 32, 32),
+                                                            ("swin", "wide/4", 32, None), ("swin", "wide/4", 32, 2)])
+def test_counted_forward_flops_match_xla(family, variant, image_size, keep, monkeypatch):
+    monkeypatch.setitem(swin.VARIANTS, "wide", (192, (2, 2), (6, 12), 4))  # wide enough for matmuls to dominate
     config = tiny_digits_config("/unused", **{"model.family": family, "model.variant": variant,
                                               "data.image_size": image_size, "data.mean": (0.5,) * 3,
-                                              "data.std": (0.5,) * 3})
+                                              "data.std": (0.5,) * 3, "masksub.block_size": 16})
     counted = models.of(config).forward_flops(config, 10, keep)
     assert counted == pytest.approx(_xla_forward_flops(config, keep), rel=0.1)  # + elementwise ops
 

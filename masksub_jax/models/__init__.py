@@ -1,4 +1,4 @@
-"""Model families, chosen by `config.model.family`: "vit", or the import path of your own
+"""Model families, chosen by `config.model.family`: "vit", "swin", or the import path of your own
 module (e.g. "my_project.my_family"). A family module says
 
   describe(config) -> str                   how the trainer names the model, e.g. "ViT-S/16"
@@ -26,7 +26,7 @@ and may say (absent: the default after the colon)
 """
 import importlib
 
-FAMILIES = ("vit",)
+FAMILIES = ("vit", "swin")
 
 
 def get(family: str):
