@@ -58,7 +58,9 @@ def base() -> ml_collections.ConfigDict:
     c.model.variant = "S/16"  # the family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4
     c.model.drop_path = 0.0  # ViT: every block's; Swin: the last block's, rising linearly from 0
     c.model.dropout = 0.0
-    c.model.layerscale_init = 1e-4  # ViT only
+    c.model.layerscale_init = 1e-4  # ViT only; 0 = no LayerScale (MAE)
+    c.model.pool = "token"  # ViT only: "token" (DeiT-III: the final-LN cls token) | "avg" (MAE: patch mean + fc_norm)
+    c.model.head_init_std = 0.02  # MAE fine-tuning: 2e-5
     c.model.remat = False  # recompute each block's activations in the backward pass
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
@@ -86,6 +88,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0  # global norm; 0 = off. LAMB's official clip is 1.0.
+    c.optim.layer_decay = 1.0  # layer-wise lr decay (MAE): lr * decay^(layers - layer); 1 = off
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # devices that share (shard) the parameters and optimizer state; the rest is data parallel
@@ -123,6 +126,45 @@ def deit3_pretraining(arg: str | None, *, variant: str, image_size: int, lr: flo
     c.optim.lr = lr
     c.optim.weight_decay, c.model.drop_path = schedules[epochs]
     c.total_epochs = float(epochs)
+    return c
+
+
+def deit3_finetune_224(arg: str | None, *, variant: str, drop_path: float) -> ml_collections.ConfigDict:
+    """The 20-epoch 224 px fine-tune of a DeiT-III MaskSub pretraining run, MaskSub kept on (method
+    reference, section 3): AdamW lr 1e-5 (warmup 5 epochs from 1e-6 and DeiT's min lr 1e-5, so flat
+    after the warmup), wd 0.1, batch 512, soft-target CE with smoothing 0.1, mixup 0.8 / cutmix 1.0,
+    RandAugment rand-m9-mstd0.5-inc1, no repeated augmentation, no random erasing, eval crop 1.0.
+    `init_from` names the pretraining workdir; pos_embed is resampled to the 224 grid."""
+    parse_arg(arg)
+    c = base()
+    c.model.variant, c.model.drop_path = variant, drop_path
+    c.data.image_size, c.data.augment, c.data.repeated_aug = 224, "rand-m9-mstd0.5-inc1", 1
+    c.loss, c.label_smoothing = "ce", 0.1
+    c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.grad_clip_norm = "adamw", 1e-5, 0.1, 0.0
+    c.batch_size, c.total_epochs = 512, 20.0
+    c.eval_every_steps = 5004  # every 2 epochs of 2502 steps
+    return c
+
+
+def mae_finetune(arg: str | None, *, variant: str, epochs: int, blr: float, layer_decay: float,
+                 drop_path: float) -> ml_collections.ConfigDict:
+    """MAE fine-tuning with MaskSub 0.5 (method reference, section 3): AdamW with lr = blr * 1024 / 256,
+    layer-wise lr decay, warmup 5 epochs from 0, cosine to 1e-6, wd 0.05, soft-target CE with
+    smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
+    global average pool + fc_norm, no LayerScale, head init std 2e-5, eval resize 256 + crop 224.
+    `init_from` names MAE-pretrained weights written by `python -m masksub_jax.convert`."""
+    parse_arg(arg)
+    c = base()
+    c.model.variant, c.model.drop_path = variant, drop_path
+    c.model.layerscale_init, c.model.pool, c.model.head_init_std = 0.0, "avg", 2e-5
+    c.data.image_size, c.data.crop_ratio = 224, 0.875
+    c.data.augment, c.data.random_erasing, c.data.repeated_aug = "rand-m9-mstd0.5-inc1", 0.25, 1
+    c.loss, c.label_smoothing = "ce", 0.1
+    c.batch_size, c.total_epochs = 1024, float(epochs)
+    c.optim.name, c.optim.lr, c.optim.layer_decay = "adamw", blr * c.batch_size / 256, layer_decay
+    c.optim.min_lr, c.optim.warmup_init_lr, c.optim.warmup_epochs = 1e-6, 0.0, 5.0
+    c.optim.weight_decay, c.optim.grad_clip_norm = 0.05, 0.0
+    c.eval_every_steps = 6255  # every 5 epochs of 1251 steps
     return c
 
 
@@ -233,6 +275,7 @@ def validate(config, num_devices: int = 1) -> None:
     _require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"use one of {DTYPES}")
     for key in ("drop_path", "dropout"):
         _require(0 <= c.model[key] < 1, f"model.{key}", c.model[key], "must be in [0, 1)")
+    _require(c.model.layerscale_init >= 0, "model.layerscale_init", c.model.layerscale_init, "must be >= 0 (0 = none)")
     _require(c.loss in losses.LOSSES, "loss", c.loss, f"use one of {sorted(losses.LOSSES)}")
     _require(0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing, "must be in [0, 1)")
     _require(not (c.loss == "bce" and c.label_smoothing > 0), "label_smoothing", c.label_smoothing,
@@ -247,6 +290,10 @@ def validate(config, num_devices: int = 1) -> None:
         _require(c.optim[key] >= 0, f"optim.{key}", c.optim[key], "must be >= 0")
     for key in ("b1", "b2"):
         _require(0 <= c.optim[key] < 1, f"optim.{key}", c.optim[key], "must be in [0, 1)")
+    _require(0 < c.optim.layer_decay <= 1, "optim.layer_decay", c.optim.layer_decay, "must be in (0, 1]; 1 = off")
+    _require(c.optim.layer_decay == 1 or hasattr(family, "layer_ids"), "optim.layer_decay", c.optim.layer_decay,
+             f"model.family={c.model.family!r} has no layers to decay over (layer_ids); use 1")
+    _require(c.model.head_init_std > 0, "model.head_init_std", c.model.head_init_std, "must be > 0")
     _require(c.mesh.fsdp >= 1 and num_devices % c.mesh.fsdp == 0, "mesh.fsdp", c.mesh.fsdp,
              f"must divide the device count {num_devices}")
     for key in ("batch_size", "eval_batch_size"):

@@ -2,6 +2,8 @@
 
   python -m masksub_jax.convert --from=deit3_base.safetensors --to=inits/deit3_b --variant=B/16 --image_size=224
   python -m masksub_jax.convert --family=swin --from=swin_tiny.pth --to=inits/swin_t --variant=T/4 --image_size=224
+  python -m masksub_jax.convert --from=mae_pretrain_vit_base.pth --to=inits/mae_b     # variant read from the weights
+  python -m masksub_jax.convert --to_timm --from=runs/vit_b --to=vit_b.safetensors     # ours -> timm
   python -m masksub_jax.main --config=configs/vit_b.py --workdir=runs/ft --config.init_from=inits/deit3_b
 
 `--from` takes .safetensors, .npz (NumPy arrays only, never pickles) or .pth / .bin (read with
@@ -67,53 +69,72 @@ def read_params(path: str) -> dict:
             f"`python -m masksub_jax.convert` ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
 
 
-def _same_shape(name, loaded, initial, say):  # pylint: disable=unused-argument
-    return loaded if loaded.shape == initial.shape else None
-
-
 def adapt_params(loaded: dict, initial: dict, *, family: str = "vit", say=print) -> dict:
-    """`loaded` fitted onto the freshly initialised `initial` (same tree) by the family's `adapt`
-    (ViT resamples pos_embed); the head, and what the family marks as its own to start fresh (Swin's
-    mask_token), kept from `initial` when `loaded` has none or one of another shape. Any other
-    difference is an error naming the parameters."""
-    family_module = models.get(family)
-    adapt = getattr(family_module, "adapt", _same_shape)
-    fresh_ok = ("head/",) + tuple(getattr(family_module, "FRESH_IF_MISSING", ()))
+    """`loaded` fitted onto the freshly initialised `initial` (same tree): first by the family's `fit`
+    (ViT resamples pos_embed; Swin keeps a fresh mask_token), then the head is kept from `initial`
+    when `loaded` has none or one of another shape. Any other difference is an error naming the
+    parameters."""
     flat_loaded, flat_initial = flatten(loaded), flatten(initial)
+    fit = getattr(models.get(family), "fit", None)
+    if fit is not None:
+        flat_loaded = fit(flat_loaded, flat_initial, say)
     out, problems = {}, []
     for name, init_value in flat_initial.items():
         value = flat_loaded.get(name)
-        if value is not None:
-            value = adapt(name, value, init_value, say)
-        if value is None and name.startswith(fresh_ok):
-            got = flat_loaded[name].shape if name in flat_loaded else None
-            say(f"init_from: {name} {got} does not fit {init_value.shape}; it starts freshly initialised.")
+        if name.startswith("head/") and (value is None or value.shape != init_value.shape):
+            say(f"init_from: {name} {None if value is None else value.shape} does not fit "
+                f"{init_value.shape}; it starts freshly initialised.")
             value = init_value
-        if value is None:
-            got = flat_loaded[name].shape if name in flat_loaded else None
-            problems.append(f"{name}: {got} vs the config's {init_value.shape}")
+        if value is None or value.shape != init_value.shape:
+            problems.append(f"{name}: {None if value is None else value.shape} vs the config's {init_value.shape}")
             continue
         out[name] = np.asarray(value, init_value.dtype)
     extra = set(flat_loaded) - set(flat_initial)
     if problems or extra:
         raise ConversionError(f"config.init_from does not fit the configured model: {'; '.join(problems[:6])}"
-                              f"{'; unexpected ' + listed(extra, 6) if extra else ''}. Check model.family "
-                              "and model.variant.")
+                              f"{'; unexpected ' + listed(extra, 6) if extra else ''}. Check model.family, "
+                              "model.variant and model.pool.")
     return nest(out)
+
+
+def export_timm(source: str, target: str, family: str) -> int:
+    """Our parameters (a training workdir or a converted directory) as a timm state dict file
+    (.safetensors or .npz). Returns the number of tensors written."""
+    family_module = models.get(family)
+    if not hasattr(family_module, "to_timm"):
+        raise ConversionError(f"model family {family!r} has no timm mapping (to_timm).")
+    state_dict = family_module.to_timm(read_params(source))
+    if target.endswith(".safetensors"):
+        from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, target)
+    elif target.endswith(".npz"):
+        np.savez(target, **state_dict)
+    else:
+        raise ConversionError(f"Write the timm weights as .safetensors or .npz, not {target!r}.")
+    return len(state_dict)
 
 
 def main(argv=None) -> None:
     import argparse  # pylint: disable=import-outside-toplevel
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="source", required=True, help=".safetensors, .npz or .pth file")
-    parser.add_argument("--to", required=True, help="new directory for the Orbax checkpoint")
+    parser.add_argument("--from", dest="source", required=True,
+                        help="a .safetensors, .npz or .pth file; with --to_timm, a workdir or converted directory")
+    parser.add_argument("--to", required=True, help="new directory for the Orbax checkpoint (with --to_timm: a "
+                                                    ".safetensors or .npz file)")
+    parser.add_argument("--to_timm", action="store_true", help="export our parameters as a timm state dict")
     parser.add_argument("--family", default="vit", help=f"model family: one of {models.FAMILIES}")
-    parser.add_argument("--variant", required=True, help="the family's variant, e.g. B/16 (ViT) or T/4 (Swin)")
-    parser.add_argument("--image_size", type=int, required=True, help="image size the weights will be used at")
+    parser.add_argument("--variant", help="the family's variant, e.g. B/16 (ViT) or T/4 (Swin), or a timm model "
+                                          "name (deit3_base_patch16_224); ViT reads it from the weights if left out")
+    parser.add_argument("--image_size", type=int, help="image size the weights will be used at (ViT: default the "
+                                                       "size they were made for)")
     parser.add_argument("--num_classes", type=int, help="keep the head only if it has this many classes")
     args = parser.parse_args(argv)
     if os.path.exists(args.to):
-        sys.exit(f"{args.to} exists; pick a new directory for the converted weights.")
+        sys.exit(f"{args.to} exists; pick a new {'file' if args.to_timm else 'directory'} for the converted weights.")
+    if args.to_timm:
+        count = export_timm(args.source, args.to, args.family)
+        print(f"Wrote {count} tensors in timm's names to {args.to}.")
+        return
     family = models.get(args.family)
     if not hasattr(family, "from_timm"):
         sys.exit(f"model family {args.family!r} has no timm mapping (from_timm).")
@@ -121,7 +142,7 @@ def main(argv=None) -> None:
                               num_classes=args.num_classes)
     save_params(params, args.to)
     count = sum(v.size for v in flatten(params).values())
-    print(f"Wrote {args.family} {args.variant} parameters ({count / 1e6:.2f}M{'' if 'head' in params else ', no head'}) "
+    print(f"Wrote {args.family} parameters ({count / 1e6:.2f}M{'' if 'head' in params else ', no head'}) "
           f"to {args.to}; use it with --config.init_from={args.to}")
 
 

@@ -19,6 +19,13 @@ def decay_mask(params, no_decay: tuple = ()):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def layer_decay_scales(ids, decay: float):
+    """MAE's layer-wise lr scales: decay^(L - id) for each parameter's layer id, L the largest id (the
+    head's), so the head learns at the full rate and the embeddings at decay^L of it."""
+    top = max(jax.tree.leaves(ids))
+    return jax.tree.map(lambda i: decay ** (top - i), ids)
+
+
 def lr_schedule(*, lr: float, min_lr: float, warmup_init_lr: float, warmup_steps: int,
                 total_steps: int) -> optax.Schedule:
     """Linear warmup from `warmup_init_lr` to `lr`, then cosine to `min_lr` at `total_steps`."""
@@ -28,9 +35,12 @@ def lr_schedule(*, lr: float, min_lr: float, warmup_init_lr: float, warmup_steps
 
 
 def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float,
-         eps: float, grad_clip_norm: float, no_decay: tuple = ()) -> optax.GradientTransformation:
+         eps: float, grad_clip_norm: float, no_decay: tuple = (), layer_decay: float = 1.0,
+         layer_ids=None) -> optax.GradientTransformation:
     """'lamb' or 'adamw' with decoupled, masked weight decay and optional global-norm clipping;
-    `no_decay` names the parameters (besides the 1-D ones) without weight decay."""
+    `no_decay` names the parameters (besides the 1-D ones) without weight decay. With layer_decay < 1,
+    each parameter's step (weight decay included, as in PyTorch's param groups) is scaled by
+    `layer_decay_scales(layer_ids(params), layer_decay)`."""
     if name not in ("lamb", "adamw"):
         raise ValueError(f"Unknown optimizer {name!r}; use 'lamb' or 'adamw'.")
     mask = functools.partial(decay_mask, no_decay=tuple(no_decay))
@@ -40,4 +50,14 @@ def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float,
     if name == "lamb":
         parts.append(optax.masked(optax.scale_by_trust_ratio(), mask))
     parts.append(optax.scale_by_learning_rate(schedule))
+    if layer_decay < 1:
+        parts.append(_scale_per_parameter(lambda params: layer_decay_scales(layer_ids(params), layer_decay)))
     return optax.chain(*parts)
+
+
+def _scale_per_parameter(scales_of) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by a constant that depends only on its place in the tree."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, scale: u * scale, updates, scales_of(updates)), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

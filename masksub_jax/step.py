@@ -21,8 +21,10 @@ def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
     o = config.optim
     schedule = optim.lr_schedule(lr=o.lr, min_lr=o.min_lr, warmup_init_lr=o.warmup_init_lr,
                                  warmup_steps=round(o.warmup_epochs * steps_per_epoch), total_steps=total_steps)
+    family = models.of(config)
     tx = optim.make(o.name, schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                    grad_clip_norm=o.grad_clip_norm, no_decay=getattr(models.of(config), "NO_DECAY", ()))
+                    grad_clip_norm=o.grad_clip_norm, no_decay=getattr(family, "NO_DECAY", ()),
+                    layer_decay=o.layer_decay, layer_ids=getattr(family, "layer_ids", None))
     return tx, schedule
 
 

@@ -19,10 +19,11 @@ and may say (absent: the default after the colon)
                                             matmul FLOPs of one image, for MFU: bench uses XLA's count
   from_timm(state_dict, *, variant, image_size, num_classes) -> params, to_timm(params) -> state dict
                                             `python -m masksub_jax.convert`: "no timm mapping"
-  adapt(name, loaded, initial, say) -> array | None
-                                            config.init_from: a loaded parameter fitted to the
-                                            configured model (None = it does not fit): only the head
-                                            is re-initialised
+  fit(loaded, initial, say) -> loaded       config.init_from: the loaded parameters (flat "a/b" names)
+                                            fitted to the freshly initialised ones: only a head of
+                                            another size is re-initialised
+  layer_ids(params) -> tree of int          for optim.layer_decay: each parameter's depth, the head's
+                                            the largest: the layer decay is refused
 """
 import importlib
 

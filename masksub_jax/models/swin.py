@@ -230,7 +230,6 @@ class Swin(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The family interface (masksub_jax/models/__init__.py).
 NO_DECAY = ("mask_token", "relative_position_bias_table", "absolute_pos_embed")
-FRESH_IF_MISSING = ("mask_token",)  # timm's Swin has none: init_from keeps the fresh one
 
 
 def describe(config) -> str:
@@ -343,10 +342,12 @@ def _to_timm_layout(sd: dict, variant: str, image_size: int) -> dict:
     return out
 
 
-def from_timm(state_dict, *, variant: str, image_size: int, num_classes: int | None = None) -> dict:
+def from_timm(state_dict, *, variant: str | None, image_size: int | None, num_classes: int | None = None) -> dict:
     """A timm (or original Microsoft / augsub) Swin state dict as our parameter tree. The head is left
     out when absent or of another class count; mask_token (only augsub checkpoints have one) likewise.
     Raises ConversionError naming missing, unexpected and misshapen keys."""
+    if variant is None or image_size is None:
+        raise ConversionError("Swin weights need --variant (T/4, S/4, B/4) and --image_size.")
     sd = _to_timm_layout({k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()}, variant, image_size)
     channels = sd["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in sd else 3
     has_head = "head.fc.weight" in sd and (num_classes is None or sd["head.fc.weight"].shape[0] == num_classes)
@@ -364,6 +365,14 @@ def from_timm(state_dict, *, variant: str, image_size: int, num_classes: int | N
     if wrong:
         raise ConversionError(f"Shapes do not fit Swin-{variant}: {'; '.join(wrong[:6])}.")
     return nest(params)
+
+
+def fit(loaded: dict, initial: dict, say) -> dict:
+    """config.init_from: timm's Swin has no mask_token, so the fresh one is kept."""
+    if "mask_token" in initial and "mask_token" not in loaded:
+        say("init_from: the weights have no mask_token; it starts freshly initialised.")
+        loaded = {**loaded, "mask_token": initial["mask_token"]}
+    return loaded
 
 
 def to_timm(params) -> dict[str, np.ndarray]:

@@ -1,12 +1,15 @@
-"""DeiT-III Vision Transformer (Touvron et al., 2022) in Flax Linen.
+"""DeiT-III Vision Transformer (Touvron et al., 2022) in Flax Linen, and the MAE fine-tuning ViT.
 
 Matches timm's `deit3_*` models: pre-LN blocks with LayerScale, LayerNorm eps 1e-6, qkv bias, exact
 GELU, drop-path constant over depth, a position embedding without a cls slot, and the head on the
-final-LN cls token.
+final-LN cls token. With `pool="avg"` and `layerscale_init=0` (no LayerScale) it is MAE's fine-tuning
+ViT (timm's `global_pool="avg"`): the mean of the patch tokens, then fc_norm, then the head, and no
+final norm. A position embedding with a cls slot (MAE, augreg) is folded into the cls token on
+conversion, which is exact since the slot is only ever added to it.
 
 How MaskSub corrupts the input of this model (the sub-branch forward):
   masking:   `keep_idx` (batch, len_keep) patch indices; the other patch tokens are dropped after the
-             position embedding, the cls token is always kept.
+             position embedding, the cls token is always kept; `pool="avg"` averages the kept ones.
   dropout:   `dropout_rate` replaces the dropout of the attention projection and both MLP layers.
   droppath:  `drop_path_rate` replaces the drop-path rate of every block.
 `first_example`: the index of images[0] in the step's batch; dropout and drop-path masks are drawn
@@ -28,6 +31,7 @@ VARIANTS = {
     "mu": (64, 4, 4),  # the embedded digits default; not a published model
     "Ti": (192, 12, 3),
     "S": (384, 12, 6),
+    "M": (512, 12, 8),  # deit3_medium
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
     "H": (1280, 32, 16),
@@ -97,7 +101,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x + drop_path(gamma_1 * attn(norm1(x))), then the same with the MLP."""
+    """x + drop_path(gamma_1 * attn(norm1(x))), then the same with the MLP; no gammas (LayerScale)
+    when layerscale_init is 0."""
     num_heads: int
     mlp_dim: int
     dropout: float
@@ -111,11 +116,13 @@ class Block(nn.Module):
         scale_init = nn.initializers.constant(self.layerscale_init)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
         y = Attention(self.num_heads, self.dropout, self.dtype, name="attn")(y, deterministic, example_ids)
-        y = self.param("gamma_1", scale_init, (width,)).astype(self.dtype) * y
+        if self.layerscale_init:
+            y = self.param("gamma_1", scale_init, (width,)).astype(self.dtype) * y
         x = x + DropPath(self.drop_path)(y, deterministic, example_ids)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
         y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, deterministic, example_ids)
-        y = self.param("gamma_2", scale_init, (width,)).astype(self.dtype) * y
+        if self.layerscale_init:
+            y = self.param("gamma_2", scale_init, (width,)).astype(self.dtype) * y
         return x + DropPath(self.drop_path)(y, deterministic, example_ids)
 
 
@@ -128,7 +135,9 @@ class ViT(nn.Module):
     variant: str = "S/16"
     drop_path: float = 0.0
     dropout: float = 0.0
-    layerscale_init: float = 1e-4
+    layerscale_init: float = 1e-4  # 0: no LayerScale
+    pool: str = "token"  # "token": the final-LN cls token; "avg": mean of the patch tokens + fc_norm
+    head_init_std: float = 0.02
     mlp_ratio: int = 4
     remat: bool = False
     dtype: Any = jnp.float32
@@ -158,14 +167,19 @@ class ViT(nn.Module):
         for i in range(depth):
             x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init, self.dtype,
                       name=f"blocks_{i}")(x, not train, example_ids)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="head")(x[:, 0])
+        if self.pool == "avg":  # over the kept tokens in the masked sub-branch
+            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
+        else:
+            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)[:, 0]
+        head_init = nn.initializers.truncated_normal(self.head_init_std)
+        logits = nn.Dense(self.num_classes, kernel_init=head_init, dtype=self.dtype, name="head")(x)
         return logits.astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # The family interface (masksub_jax/models/__init__.py).
 NO_DECAY = ("pos_embed", "cls_token")
+POOLS = ("token", "avg")
 
 
 def describe(config) -> str:
@@ -177,6 +191,8 @@ def check(config) -> None:
         patch = parse_variant(config.model.variant)[3]
     except ValueError as e:
         raise ValueError(f"Config model.variant={config.model.variant!r} is invalid: {e}") from None
+    if config.model.pool not in POOLS:
+        raise ValueError(f"Config model.pool={config.model.pool!r} is invalid: use one of {POOLS}.")
     size = config.data.image_size
     if size <= 0 or size % patch:
         raise ValueError(f"Config data.image_size={size!r} is invalid: must be a positive multiple of the patch "
@@ -186,12 +202,26 @@ def check(config) -> None:
 def build(config, num_classes: int) -> ViT:
     m = config.model
     return ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
-               layerscale_init=m.layerscale_init, remat=m.remat, dtype=jnp.dtype(m.dtype))
+               layerscale_init=m.layerscale_init, pool=m.pool, head_init_std=m.head_init_std, remat=m.remat,
+               dtype=jnp.dtype(m.dtype))
 
 
 def num_units(config) -> int:
     """MaskSub's masking keeps or drops patch tokens."""
     return num_patches(config.data.image_size, parse_variant(config.model.variant)[3])
+
+
+def layer_ids(params) -> dict:
+    """Each parameter's layer for layer-wise lr decay, as MAE's get_layer_id_for_vit: 0 the
+    embeddings (patch_embed, cls_token, pos_embed), i + 1 block i, depth + 1 the rest (norms, head)."""
+    depth = sum(1 for name in params if name.startswith("blocks_"))
+
+    def layer(path, _):
+        top = getattr(path[0], "key", str(path[0]))
+        if top in ("patch_embed", "cls_token", "pos_embed"):
+            return 0
+        return int(top.removeprefix("blocks_")) + 1 if top.startswith("blocks_") else depth + 1
+    return jax.tree_util.tree_map_with_path(layer, params)
 
 
 def forward_flops(config, num_classes: int, kept_units: int | None = None) -> float:
@@ -205,9 +235,10 @@ def forward_flops(config, num_classes: int, kept_units: int | None = None) -> fl
 
 
 # --------------------------------------------------------------------------------------------------
-# timm weights: DeiT-III (timm deit3_*: pos_embed without a cls slot, LayerScale `ls1.gamma`), MAE and
-# augreg (pos_embed with a cls slot, folded into our cls token, which is exact since the slot is only
-# ever added to it; no LayerScale, our gammas are 1).
+# timm weights. Layouts read: timm's deit3_* (LayerScale ls1.gamma, pos_embed without a cls slot);
+# the official DeiT-III and augsub checkpoints (LayerScale gamma_1 / gamma_2, `module.` prefixes);
+# MAE pretraining (a cls slot, no LayerScale, its decoder and mask_token dropped) and MAE / timm
+# global-pool fine-tuning (fc_norm, no final norm); augreg (a cls slot, no LayerScale).
 _BLOCK = {
     "norm1/scale": "norm1.weight", "norm1/bias": "norm1.bias",
     "norm2/scale": "norm2.weight", "norm2/bias": "norm2.bias",
@@ -217,11 +248,16 @@ _BLOCK = {
     "mlp/fc2/kernel": "mlp.fc2.weight", "mlp/fc2/bias": "mlp.fc2.bias",
     "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma",
 }
-_TOP = {"norm/scale": "norm.weight", "norm/bias": "norm.bias", "head/kernel": "head.weight",
-        "head/bias": "head.bias", "patch_embed/kernel": "patch_embed.proj.weight",
-        "patch_embed/bias": "patch_embed.proj.bias", "cls_token": "cls_token", "pos_embed": "pos_embed"}
-# Keys of timm checkpoints that carry no parameters of this architecture and are dropped silently.
-_IGNORED = re.compile(r"^(pos_drop|patch_drop|norm_pre|fc_norm)\.|\.num_batches_tracked$")
+_TOP = {"norm/scale": "norm.weight", "norm/bias": "norm.bias", "fc_norm/scale": "fc_norm.weight",
+        "fc_norm/bias": "fc_norm.bias", "head/kernel": "head.weight", "head/bias": "head.bias",
+        "patch_embed/kernel": "patch_embed.proj.weight", "patch_embed/bias": "patch_embed.proj.bias",
+        "cls_token": "cls_token", "pos_embed": "pos_embed"}
+# Keys of checkpoints that carry no parameters of this architecture and are dropped silently.
+_IGNORED = re.compile(r"^(pos_drop|patch_drop|norm_pre|decoder_)|^mask_token$|\.num_batches_tracked$")
+_OFFICIAL = ((re.compile(r"\.gamma_1$"), ".ls1.gamma"), (re.compile(r"\.gamma_2$"), ".ls2.gamma"))
+# timm model names, e.g. deit3_base_patch16_224 or vit_huge_patch14_224.mae, as variant and image size.
+_TIMM_NAME = re.compile(r"^(?:deit3|deit|vit)_(tiny|small|medium|base|large|huge)_patch(\d+)_(\d+)")
+_TIMM_SIZES = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H"}
 
 
 def _names(depth: int) -> dict[str, str]:
@@ -229,6 +265,39 @@ def _names(depth: int) -> dict[str, str]:
     for i in range(depth):
         names.update({f"blocks_{i}/{ours}": f"blocks.{i}.{theirs}" for ours, theirs in _BLOCK.items()})
     return names
+
+
+def resolve_variant(variant: str | None, sd: dict) -> tuple[str, int]:
+    """(our variant, the image size the weights were made for) from a variant ('B/16'), a timm model
+    name ('deit3_base_patch16_224') or, if None, the weights' own shapes."""
+    width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    positions = sd["pos_embed"].shape[1]
+    grid = int(round(np.sqrt(positions))) if int(round(np.sqrt(positions))) ** 2 == positions else \
+        int(round(np.sqrt(positions - 1)))
+    made_for = grid * patch
+    if variant is None:
+        names = [name for name, (w, d, _) in VARIANTS.items() if (w, d) == (width, depth)]
+        if not names:
+            raise ConversionError(f"Width {width} and depth {depth} are none of our ViT variants {sorted(VARIANTS)}; "
+                                  "add the size to models/vit.py VARIANTS.")
+        return f"{names[0]}/{patch}", made_for
+    match = _TIMM_NAME.match(variant)
+    if match:
+        return f"{_TIMM_SIZES[match.group(1)]}/{match.group(2)}", int(match.group(3))
+    return variant, made_for
+
+
+def _canonical(state_dict) -> dict:
+    """timm's names for the official checkpoints' (module. prefix, gamma_1 / gamma_2); dropped keys out."""
+    sd = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        for pattern, timm_name in _OFFICIAL:
+            key = pattern.sub(timm_name, key)
+        if not _IGNORED.search(key):
+            sd[key] = np.asarray(value)
+    return sd
 
 
 def resize_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
@@ -244,48 +313,43 @@ def resize_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
     return np.asarray(resized).reshape(1, grid * grid, -1).astype(pos_embed.dtype)
 
 
-def from_timm(state_dict, *, variant: str, image_size: int, num_classes: int | None = None) -> dict:
-    """A timm ViT / DeiT-III / MAE / augreg state dict (name -> array) as our parameter tree.
+def from_timm(state_dict, *, variant: str | None = None, image_size: int | None = None,
+              num_classes: int | None = None) -> dict:
+    """A timm / DeiT-III / augsub / MAE / augreg state dict (name -> array) as our parameter tree, at
+    `image_size` (default: the size the weights were made for; pos_embed is resampled to it).
 
-    The head is left out when the checkpoint has none or `num_classes` differs from it; the trainer
-    then keeps its freshly initialised head. Raises ConversionError naming missing, unexpected and
-    misshapen keys.
+    `variant` may be ours ('B/16'), a timm model name, or None (read from the weights). The head is
+    left out when the checkpoint has none or `num_classes` differs from it; the trainer then keeps its
+    freshly initialised head. Raises ConversionError naming missing, unexpected and misshapen keys.
     """
+    sd = _canonical(state_dict)
+    variant, made_for = resolve_variant(variant, sd)
+    image_size = image_size or made_for
     width, depth, _, patch = parse_variant(variant)
-    sd = {k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()}
-    sd = {k: v for k, v in sd.items() if not _IGNORED.search(k)}
-    if "fc_norm.weight" in state_dict or "fc_norm.bias" in state_dict:
-        raise ConversionError("This checkpoint pools tokens with fc_norm (global pooling); our ViT reads the "
-                              "cls token. Use a cls-token checkpoint (DeiT-III, MAE pretraining, augreg).")
     names = _names(depth)
-    has_layerscale = "blocks.0.ls1.gamma" in sd
-    has_head = "head.weight" in sd and (num_classes is None or sd["head.weight"].shape[0] == num_classes)
-    expected = {theirs for ours, theirs in names.items()
-                if (has_layerscale or not ours.startswith("blocks_") or "gamma" not in ours)
-                and (has_head or not ours.startswith("head/"))}
+    has = {"layerscale": "blocks.0.ls1.gamma" in sd, "norm": "norm.weight" in sd, "fc_norm": "fc_norm.weight" in sd,
+           "head": "head.weight" in sd and (num_classes is None or sd["head.weight"].shape[0] == num_classes)}
+
+    def in_checkpoint(ours: str) -> bool:
+        if ours.endswith(("gamma_1", "gamma_2")):
+            return has["layerscale"]
+        return has.get(ours.split("/")[0], True)
+    expected = {theirs for ours, theirs in names.items() if in_checkpoint(ours)}
     missing = set(expected) - set(sd)
-    unexpected = set(sd) - expected - ({"head.weight", "head.bias"} if not has_head else set())
-    if missing or unexpected:
+    unexpected = set(sd) - expected - ({"head.weight", "head.bias"} if not has["head"] else set())
+    if missing or unexpected or not (has["norm"] or has["fc_norm"]):
         raise ConversionError(f"The checkpoint does not fit ViT-{variant}: missing keys {listed(missing)}, "
                               f"unexpected keys {listed(unexpected)}. Check --variant (width {width}, "
-                              f"depth {depth}, patch {patch}).")
-    params = {}
-    for ours, theirs in names.items():
-        if ours.startswith("head/") and not has_head:
-            continue
-        if theirs not in sd:
-            if "gamma" in ours:  # no LayerScale: a gamma of 1 is the identity
-                params[ours] = np.ones(width, np.float32)
-            continue
-        params[ours] = linear_to_ours(ours, sd[theirs]).astype(np.float32)
-
+                              f"depth {depth}, patch {patch}), or leave it out to read it from the weights.")
+    params = {ours: linear_to_ours(ours, sd[theirs]).astype(np.float32) for ours, theirs in names.items()
+              if theirs in sd and theirs in expected}
     pos, cls = params["pos_embed"], params["cls_token"]
     grid = image_size // patch
     if pos.shape[1] == int(round(np.sqrt(pos.shape[1] - 1))) ** 2 + 1:  # a cls slot (MAE, augreg)
         params["cls_token"] = cls + pos[:, :1]
         pos = pos[:, 1:]
     params["pos_embed"] = resize_pos_embed(pos, grid)
-    wanted = _expected_shapes(width, depth, patch, params.get("patch_embed/kernel", np.zeros((1, 1, 3))).shape[2],
+    wanted = _expected_shapes(width, depth, patch, params["patch_embed/kernel"].shape[2],
                               params.get("head/kernel", np.zeros((1, 0))).shape[1], grid)
     wrong = [f"{k}: {params[k].shape} (ViT-{variant} wants {s})" for k, s in wanted.items()
              if k in params and params[k].shape != s]
@@ -297,7 +361,7 @@ def from_timm(state_dict, *, variant: str, image_size: int, num_classes: int | N
 def _expected_shapes(width, depth, patch, channels, num_classes, grid) -> dict[str, tuple]:
     shapes = {"patch_embed/kernel": (patch, patch, channels, width), "patch_embed/bias": (width,),
               "cls_token": (1, 1, width), "pos_embed": (1, grid * grid, width), "norm/scale": (width,),
-              "norm/bias": (width,), "head/kernel": (width, num_classes), "head/bias": (num_classes,)}
+              "norm/bias": (width,), "fc_norm/scale": (width,), "fc_norm/bias": (width,), "head/kernel": (width, num_classes), "head/bias": (num_classes,)}
     block = {"norm1/scale": (width,), "norm1/bias": (width,), "norm2/scale": (width,), "norm2/bias": (width,),
              "attn/qkv/kernel": (width, 3 * width), "attn/qkv/bias": (3 * width,),
              "attn/proj/kernel": (width, width), "attn/proj/bias": (width,),
@@ -320,10 +384,21 @@ def to_timm(params) -> dict[str, np.ndarray]:
     return {names[k]: np.ascontiguousarray(linear_to_timm(k, v)) for k, v in flat.items()}
 
 
-def adapt(name: str, loaded: np.ndarray, initial: np.ndarray, say) -> np.ndarray | None:
-    """config.init_from: pos_embed is resampled to the configured grid."""
-    if name == "pos_embed" and loaded.shape != initial.shape:
-        resized = resize_pos_embed(loaded, int(round(np.sqrt(initial.shape[1]))))
-        say(f"init_from: resampled pos_embed from {loaded.shape} to {resized.shape}.")
-        return resized
-    return loaded if loaded.shape == initial.shape else None
+def fit(loaded: dict, initial: dict, say) -> dict:
+    """config.init_from: pos_embed resampled to the configured grid; LayerScale gammas of 1 for weights
+    without LayerScale; a final norm the configured model does not have (MAE pretraining weights for
+    the global-pool fine-tune) dropped, and a fresh fc_norm, as MAE's fine-tuning does."""
+    out = dict(loaded)
+    pos = out.get("pos_embed")
+    if pos is not None and "pos_embed" in initial and pos.shape != initial["pos_embed"].shape:
+        out["pos_embed"] = resize_pos_embed(pos, int(round(np.sqrt(initial["pos_embed"].shape[1]))))
+        say(f"init_from: resampled pos_embed from {pos.shape} to {out['pos_embed'].shape}.")
+    gammas = [name for name in initial if name.endswith(("/gamma_1", "/gamma_2")) and name not in out]
+    if gammas:
+        out.update({name: np.ones_like(initial[name]) for name in gammas})
+        say("init_from: the weights have no LayerScale; the gammas start at 1 (the identity).")
+    if "fc_norm/scale" in initial and "fc_norm/scale" not in out and "norm/scale" in out:
+        out = {k: v for k, v in out.items() if not k.startswith("norm/")}
+        out.update({k: v for k, v in initial.items() if k.startswith("fc_norm/")})
+        say("init_from: model.pool='avg': the weights' final norm is dropped and fc_norm starts fresh (as MAE).")
+    return out
