@@ -1,8 +1,16 @@
 """Shared test set-up: 8 simulated CPU devices (set before jax is imported) and small configs."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for the whole run, shared by the test workers and the trainer
+# processes that the tests start (they inherit the environment): the same small programs, compiled
+# again by every resumed or restarted process, compile once. Keyed by the program, flags and jax
+# version, so a hit is the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "masksub_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import contextlib  # pylint: disable=wrong-import-position
 
