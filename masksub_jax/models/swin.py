@@ -31,8 +31,6 @@ VARIANTS = {
     "S": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
     "B": (128, (2, 2, 18, 2), (4, 8, 16, 32), 7),
 }
-TIMM_NAMES = {"T/4": "swin_tiny_patch4_window7_224", "S/4": "swin_small_patch4_window7_224",
-              "B/4": "swin_base_patch4_window7_224"}
 LAYERNORM_EPS = 1e-5
 
 
@@ -215,8 +213,7 @@ class Swin(nn.Module):
                  else np.linspace(0.0, self.drop_path, sum(depths)))
         index = 0
         for i, ((_, window, shift), depth, num_heads) in enumerate(zip(stages, depths, heads)):
-            with_merging = i > 0
-            if with_merging:
+            if i > 0:
                 x = PatchMerging(self.dtype, name=f"layers_{i}_downsample")(x)
             for j in range(depth):
                 x = block(num_heads, window, shift if j % 2 else 0, dropout, float(rates[index]), self.dtype,
