@@ -1,5 +1,6 @@
 """Model families as plug-ins: the trainer, bench and convert ask the family, never name it."""
 import json
+import sys
 import types
 
 import pytest
@@ -26,7 +27,7 @@ def test_unknown_and_incomplete_families_are_named(monkeypatch):
     config.model.family = "no_such_package.family"
     with pytest.raises(ValueError, match="Unknown model.family 'no_such_package.family'"):
         config_lib.validate(config)
-    monkeypatch.setitem(__import__("sys").modules, "half_family", types.SimpleNamespace(__name__="half_family",
+    monkeypatch.setitem(sys.modules, "half_family", types.SimpleNamespace(__name__="half_family",
                                                                                        build=None))
     config.model.family = "half_family"
     with pytest.raises(ValueError, match=r"lacks \['describe', 'check', 'num_units'\]"):

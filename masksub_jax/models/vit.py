@@ -267,15 +267,19 @@ def _names(depth: int) -> dict[str, str]:
     return names
 
 
+def _has_cls_slot(positions: int) -> bool:
+    """Whether a pos_embed of `positions` rows carries a cls slot: a square grid plus one (MAE, augreg)."""
+    grid = int(round(np.sqrt(positions - 1)))
+    return grid > 0 and grid * grid + 1 == positions
+
+
 def resolve_variant(variant: str | None, sd: dict) -> tuple[str, int]:
     """(our variant, the image size the weights were made for) from a variant ('B/16'), a timm model
     name ('deit3_base_patch16_224') or, if None, the weights' own shapes."""
     width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     positions = sd["pos_embed"].shape[1]
-    grid = int(round(np.sqrt(positions))) if int(round(np.sqrt(positions))) ** 2 == positions else \
-        int(round(np.sqrt(positions - 1)))
-    made_for = grid * patch
+    made_for = int(round(np.sqrt(positions - _has_cls_slot(positions)))) * patch
     if variant is None:
         names = [name for name, (w, d, _) in VARIANTS.items() if (w, d) == (width, depth)]
         if not names:
@@ -345,7 +349,7 @@ def from_timm(state_dict, *, variant: str | None = None, image_size: int | None 
               if theirs in sd and theirs in expected}
     pos, cls = params["pos_embed"], params["cls_token"]
     grid = image_size // patch
-    if pos.shape[1] == int(round(np.sqrt(pos.shape[1] - 1))) ** 2 + 1:  # a cls slot (MAE, augreg)
+    if _has_cls_slot(pos.shape[1]):
         params["cls_token"] = cls + pos[:, :1]
         pos = pos[:, 1:]
     params["pos_embed"] = resize_pos_embed(pos, grid)
