@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from masksub_jax import preemption, sharding
+from masksub_jax import step as step_lib
 from masksub_jax import workdir as workdir_lib
 
 DAMAGED_DIR = "damaged_checkpoints"
@@ -271,8 +272,9 @@ def _implausible(state, step: int) -> str | None:
     return f"{bad[0]} holds NaN or Inf" if bad else None
 
 
-def load_params(workdir: str, step: int | None = None) -> dict:
-    """The parameter pytree of the newest (or the given) checkpoint in `workdir`, as NumPy arrays.
+def load_variables(workdir: str, step: int | None = None) -> dict:
+    """The model's variables (params, and the collections such as ResNet's batch_stats) of the
+    newest (or the given) checkpoint in `workdir`, as NumPy arrays.
 
     For evaluation, conversion, notebooks and comparisons; needs neither the config nor a device
     layout.
@@ -287,16 +289,22 @@ def load_params(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
                                 f"it has steps {sorted(steps)}.")
     # The manager saved one unnamed item, which Orbax stores in the step's "default" folder.
-    return params_from(os.path.join(checkpoint_dir(workdir), str(step), "default"))
+    return variables_from(os.path.join(checkpoint_dir(workdir), str(step), "default"))
 
 
-def params_from(directory: str) -> dict:
-    """The "params" entry of the Orbax pytree checkpoint in `directory` (a train state, or weights
-    written by `convert.save_params`), as NumPy arrays, without reading the rest."""
+def load_params(workdir: str, step: int | None = None) -> dict:
+    """The parameter pytree of the newest (or the given) checkpoint in `workdir` (see load_variables)."""
+    return load_variables(workdir, step)["params"]
+
+
+def variables_from(directory: str) -> dict:
+    """The model's variables in the Orbax pytree checkpoint in `directory` (a train state, or weights
+    written by `convert.save_variables`): every entry but the optimizer's and the step's, as NumPy
+    arrays, without reading the rest."""
     checkpointer = ocp.PyTreeCheckpointer()
     with _quiet_orbax():
         tree = checkpointer.metadata(directory).item_metadata.tree
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-            item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
-    return restored["params"]
+        wanted = step_lib.variables(dict(tree))
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=as_numpy, partial_restore=True))

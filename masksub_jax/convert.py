@@ -6,11 +6,14 @@
   python -m masksub_jax.convert --to_timm --from=runs/vit_b --to=vit_b.safetensors     # ours -> timm
   python -m masksub_jax.main --config=configs/vit_b.py --workdir=runs/ft --config.init_from=inits/deit3_b
 
+  python -m masksub_jax.convert --family=resnet --from=resnet50_a2.safetensors --to=inits/r50 --variant=50
+
 `--from` takes .safetensors, .npz (NumPy arrays only, never pickles) or .pth / .bin (read with
 `torch.load(weights_only=True)`, which needs torch installed and refuses pickled code). `--to` gets
-an Orbax checkpoint of the parameters that `config.init_from` names. The layouts each family reads
-are in its module (`from_timm`): ViT takes DeiT-III, MAE and augreg weights and resamples pos_embed to
-another image size; Swin takes timm's and the original (Microsoft / augsub) layout.
+an Orbax checkpoint of the variables that `config.init_from` names (the parameters, and ResNet's
+BatchNorm statistics). The layouts each family reads are in its module (`from_timm`): ViT takes
+DeiT-III, MAE and augreg weights and resamples pos_embed to another image size; Swin takes timm's and
+the original (Microsoft / augsub) layout; ResNet timm's (the RSB weights and the official augsub ones).
 A head whose class count differs, or a model without head, keeps the config's freshly initialised head.
 """
 import os
@@ -48,21 +51,42 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"Unknown weight format {suffix!r} of {path}; use .safetensors, .npz or .pth.")
 
 
-def save_params(params, directory: str) -> None:
-    """Writes a parameter tree as the Orbax checkpoint that `config.init_from` reads."""
+def save_variables(variables: dict, directory: str) -> None:
+    """Writes a model's variables ({"params": ..., and e.g. "batch_stats": ...}) as the Orbax
+    checkpoint that `config.init_from` reads."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     from masksub_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    ocp.PyTreeCheckpointer().save(str(workdir_lib.path(directory)), {"params": params})
+    ocp.PyTreeCheckpointer().save(str(workdir_lib.path(directory)), variables)
+
+
+def save_params(params, directory: str) -> None:
+    save_variables({"params": params}, directory)
+
+
+def _as_variables(family, converted) -> dict:
+    """A family's from_timm result as variables: its own dict of collections if the family keeps
+    state besides the parameters (STATE_COLLECTIONS), else the parameters alone."""
+    return converted if getattr(family, "STATE_COLLECTIONS", ()) else {"params": converted}
+
+
+def _timm_input(family, variables: dict):
+    """What the family's to_timm takes: the variables, or the parameters alone."""
+    return variables if getattr(family, "STATE_COLLECTIONS", ()) else variables["params"]
 
 
 def read_params(path: str) -> dict:
-    """The parameters that `config.init_from` names: a directory written by this module's CLI, or a
-    training workdir (its newest checkpoint). NumPy arrays."""
+    """The parameters that `config.init_from` names (see read_variables). NumPy arrays."""
+    return read_variables(path)["params"]
+
+
+def read_variables(path: str) -> dict:
+    """The variables that `config.init_from` names: a directory written by this module's CLI, or a
+    training workdir (its newest checkpoint). {"params": ..., and e.g. "batch_stats": ...}, NumPy arrays."""
     from masksub_jax import checkpoint, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
     if (workdir_lib.path(path) / "checkpoints").exists():
-        return checkpoint.load_params(path)
+        return checkpoint.load_variables(path)
     try:
-        return checkpoint.params_from(str(workdir_lib.path(path)))
+        return checkpoint.variables_from(str(workdir_lib.path(path)))
     except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(
             f"config.init_from={path!r} is neither a training workdir nor weights written by "
@@ -97,13 +121,23 @@ def adapt_params(loaded: dict, initial: dict, *, family: str = "vit", say=print)
     return nest(out)
 
 
+def adapt_variables(loaded: dict, initial: dict, *, family: str = "vit", say=print) -> dict:
+    """`adapt_params` for each collection of `initial` (params, and e.g. batch_stats), which `loaded`
+    must have."""
+    missing = sorted(set(initial) - set(loaded))
+    if missing:
+        raise ConversionError(f"config.init_from holds no {missing} (it has {sorted(loaded)}); convert the "
+                              f"weights with this version of `python -m masksub_jax.convert --family={family}`.")
+    return {name: adapt_params(loaded[name], value, family=family, say=say) for name, value in initial.items()}
+
+
 def export_timm(source: str, target: str, family: str) -> int:
     """Our parameters (a training workdir or a converted directory) as a timm state dict file
     (.safetensors or .npz). Returns the number of tensors written."""
     family_module = models.get(family)
     if not hasattr(family_module, "to_timm"):
         raise ConversionError(f"model family {family!r} has no timm mapping (to_timm).")
-    state_dict = family_module.to_timm(read_params(source))
+    state_dict = family_module.to_timm(_timm_input(family_module, read_variables(source)))
     if target.endswith(".safetensors"):
         from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, target)
@@ -138,9 +172,10 @@ def main(argv=None) -> None:
     family = models.get(args.family)
     if not hasattr(family, "from_timm"):
         sys.exit(f"model family {args.family!r} has no timm mapping (from_timm).")
-    params = family.from_timm(read_weights(args.source), variant=args.variant, image_size=args.image_size,
-                              num_classes=args.num_classes)
-    save_params(params, args.to)
+    variables = _as_variables(family, family.from_timm(read_weights(args.source), variant=args.variant,
+                                                       image_size=args.image_size, num_classes=args.num_classes))
+    save_variables(variables, args.to)
+    params = variables["params"]
     count = sum(v.size for v in flatten(params).values())
     print(f"Wrote {args.family} parameters ({count / 1e6:.2f}M{'' if 'head' in params else ', no head'}) "
           f"to {args.to}; use it with --config.init_from={args.to}")

@@ -3,7 +3,8 @@ main branch's (stop-gradient) predictions; one gradient of 0.5 * main + 0.5 * su
 
 This module knows no model. A model's forward takes the corruption as keyword arguments
 (masksub_jax/models/__init__.py); `corruption` draws them over the model's masking units (ViT's patch
-tokens, Swin's blocks of pixels).
+tokens, Swin's blocks of pixels, ResNet's squares of pixels). A model with state that training
+updates (ResNet's BatchNorm statistics) gets it from the main branch, then from the sub-branch.
 """
 from typing import Callable
 
@@ -14,8 +15,9 @@ from masksub_jax.losses import Loss
 
 MODES = ("none", "masking", "dropout", "droppath")
 
-# (params, images, rng, **corruption) -> logits, in training mode.
-Forward = Callable[..., jax.Array]
+# (params, model_state, images, rng, **corruption) -> (logits, updated model_state), in training mode.
+# model_state: the model's collections other than params ({} for a stateless model).
+Forward = Callable[..., tuple]
 
 
 def num_kept(num_units: int, ratio: float) -> int:
@@ -47,17 +49,19 @@ def corruption(mode: str, ratio: float, rng, batch_size: int, num_units: int, fi
 def branches(forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float, num_units: int,
              first_example=0):
     """The two branches' losses as functions of the parameters, with the step's randomness fixed:
-    main(params) -> (loss_main, logits_main) and sub(params, teacher) -> loss_sub. `first_example`:
-    the index of images[0] in the step's batch (see `keep_indices`)."""
+    main(params, model_state) -> (loss_main, (logits_main, model_state)) and
+    sub(params, model_state, teacher) -> (loss_sub, model_state). `first_example`: the index of
+    images[0] in the step's batch (see `keep_indices`)."""
     rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
 
-    def main(params):
-        logits = forward(params, images, rng_main)
-        return loss.fn(logits, loss.main_targets(targets)), logits
+    def main(params, model_state):
+        logits, model_state = forward(params, model_state, images, rng_main)
+        return loss.fn(logits, loss.main_targets(targets)), (logits, model_state)
 
-    def sub(params, teacher):
+    def sub(params, model_state, teacher):
         corrupt = corruption(mode, ratio, rng_corrupt, images.shape[0], num_units, first_example)
-        return loss.fn(forward(params, images, rng_sub, **corrupt), teacher)
+        logits, model_state = forward(params, model_state, images, rng_sub, **corrupt)
+        return loss.fn(logits, teacher), model_state
     return main, sub
 
 
@@ -65,20 +69,21 @@ def _is_plain(mode: str, ratio: float) -> bool:
     return mode == "none" or ratio == 0
 
 
-def loss_fn(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
+def loss_fn(params, model_state, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
             num_units: int, first_example=0):
-    """The step's loss. Returns (loss, aux) with aux = dict(logits_main, loss_main, loss_sub)."""
+    """The step's loss. Returns (loss, aux) with aux = dict(logits_main, loss_main, loss_sub, model_state)."""
     main, sub = branches(forward, images, targets, rng, loss=loss, mode=mode, ratio=ratio, num_units=num_units,
                          first_example=first_example)
-    loss_main, logits_main = main(params)
+    loss_main, (logits_main, model_state) = main(params, model_state)
     if _is_plain(mode, ratio):
-        return loss_main, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=jnp.nan)
+        return loss_main, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=jnp.nan, model_state=model_state)
     teacher = jax.lax.stop_gradient(loss.teacher(logits_main))
-    loss_sub = sub(params, teacher)
-    return 0.5 * loss_main + 0.5 * loss_sub, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub)
+    loss_sub, model_state = sub(params, model_state, teacher)
+    return 0.5 * loss_main + 0.5 * loss_sub, dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub,
+                                                  model_state=model_state)
 
 
-def grads(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
+def grads(params, model_state, forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float,
           num_units: int, memory_lean: bool = False, first_example=0):
     """((loss, aux), gradient) of `loss_fn`.
 
@@ -89,13 +94,13 @@ def grads(params, forward: Forward, images, targets, rng, *, loss: Loss, mode: s
     """
     kwargs = dict(loss=loss, mode=mode, ratio=ratio, num_units=num_units, first_example=first_example)
     if not memory_lean or _is_plain(mode, ratio):
-        return jax.value_and_grad(loss_fn, has_aux=True)(params, forward, images, targets, rng, **kwargs)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, forward, images, targets, rng, **kwargs)
 
     main, sub = branches(forward, images, targets, rng, **kwargs)
-    (loss_main, logits_main), grad_main = jax.value_and_grad(main, has_aux=True)(params)
+    (loss_main, (logits_main, model_state)), grad_main = jax.value_and_grad(main, has_aux=True)(params, model_state)
     teacher = jax.lax.stop_gradient(loss.teacher(logits_main))
-    grad_main, params, teacher = jax.lax.optimization_barrier((grad_main, params, teacher))
-    loss_sub, grad_sub = jax.value_and_grad(sub)(params, teacher)
+    grad_main, params, model_state, teacher = jax.lax.optimization_barrier((grad_main, params, model_state, teacher))
+    (loss_sub, model_state), grad_sub = jax.value_and_grad(sub, has_aux=True)(params, model_state, teacher)
     grad = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, grad_main, grad_sub)
-    aux = dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub)
+    aux = dict(logits_main=logits_main, loss_main=loss_main, loss_sub=loss_sub, model_state=model_state)
     return (0.5 * loss_main + 0.5 * loss_sub, aux), grad

@@ -1,8 +1,11 @@
 """The model, optimizer, state and steps that a config describes, shared by the trainer and the
 benchmarks so that both run exactly the same computation.
 
-train_step(state, batch, rng) -> (state, metrics) and eval_step(params, batch) -> sums are pure
+train_step(state, batch, rng) -> (state, metrics) and eval_step(variables, batch) -> sums are pure
 functions for `jax.jit`. Batches carry uint8 images; normalisation happens here, on the device.
+
+The train state is a dict: step, params, opt_state, rng, and the model's other collections under
+their own names (ResNet's batch_stats), which training updates and checkpoints carry like the rest.
 """
 import jax
 import jax.numpy as jnp
@@ -28,11 +31,26 @@ def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
     return tx, schedule
 
 
+_TRAINING_KEYS = ("step", "opt_state", "rng")
+
+
+def variables(state: dict) -> dict:
+    """The model's variables in a train state: params and its other collections (batch_stats)."""
+    return {k: v for k, v in state.items() if k not in _TRAINING_KEYS}
+
+
+def model_state(state: dict) -> dict:
+    """The collections other than params that training updates ({} for most models)."""
+    return {k: v for k, v in variables(state).items() if k != "params"}
+
+
 def make_init(model, tx, image_shape):
-    """rng -> the train state: step, params, opt_state and the run's base rng."""
+    """rng -> the train state: step, params, opt_state, the run's base rng, and the model's state."""
     def init(rng):
-        params = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+        initial = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+        params = initial["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng,
+                **model_state(initial)}
     return init
 
 
@@ -48,34 +66,42 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
     loss = losses.LOSSES[config.loss]
     num_units = models.of(config).num_units(config)
 
-    def forward(params, images, rng, **corruption):
+    def forward(params, state, images, rng, **corruption):
+        """Training-mode logits and the model state they updated (BatchNorm's running statistics)."""
         rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
-        return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption)
+        if not state:
+            return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption), state
+        return model.apply({"params": params, **state}, images, train=True, rngs=rngs, mutable=list(state),
+                           **corruption)
 
-    def micro_batch_grads(params, images, targets, rng, index):
+    def micro_batch_grads(params, state, images, targets, rng, index):
         """MaskSub gradient of micro-batch `index`: its examples get the dropout and drop-path masks
         and the kept tokens that they would get in the whole batch."""
-        def micro_forward(params, images, rng, **corruption):
-            return forward(params, images, rng, first_example=index * images.shape[0], **corruption)
-        return masksub.grads(params, micro_forward, images, targets, rng, loss=loss, mode=config.masksub.mode,
-                             ratio=config.masksub.ratio, num_units=num_units,
+        def micro_forward(params, state, images, rng, **corruption):
+            return forward(params, state, images, rng, first_example=index * images.shape[0], **corruption)
+        return masksub.grads(params, state, micro_forward, images, targets, rng, loss=loss,
+                             mode=config.masksub.mode, ratio=config.masksub.ratio, num_units=num_units,
                              memory_lean=config.masksub.memory_lean, first_example=index * images.shape[0])
 
-    def accumulated_grads(params, images, targets, rng):
-        """The batch's gradient as the mean over `accum_steps` micro-batches (less activation memory)."""
+    def accumulated_grads(params, state, images, targets, rng):
+        """The batch's gradient as the mean over `accum_steps` micro-batches (less activation memory).
+        The model state goes through the micro-batches in order (BatchNorm sees each one's statistics)."""
         accum = config.accum_steps
         if accum == 1:
-            return micro_batch_grads(params, images, targets, rng, 0)
+            return micro_batch_grads(params, state, images, targets, rng, 0)
         split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
 
-        def body(grad_sum, micro):
+        def body(carry, micro):
+            grad_sum, state = carry
             index, images, targets = micro
-            (total, aux), grads = micro_batch_grads(params, images, targets, rng, index)
-            return jax.tree.map(jnp.add, grad_sum, grads), (total, aux)
+            (total, aux), grads = micro_batch_grads(params, state, images, targets, rng, index)
+            state = aux.pop("model_state")
+            return (jax.tree.map(jnp.add, grad_sum, grads), state), (total, aux)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, (totals, aux) = jax.lax.scan(body, zeros, (jnp.arange(accum), split(images), split(targets)))
+        (grad_sum, state), (totals, aux) = jax.lax.scan(body, (zeros, state),
+                                                        (jnp.arange(accum), split(images), split(targets)))
         aux = {"logits_main": aux["logits_main"].reshape(-1, aux["logits_main"].shape[-1]),
-               "loss_main": aux["loss_main"].mean(), "loss_sub": aux["loss_sub"].mean()}
+               "loss_main": aux["loss_main"].mean(), "loss_sub": aux["loss_sub"].mean(), "model_state": state}
         return (totals.mean(), aux), jax.tree.map(lambda g: g / accum, grad_sum)
 
     def train_step(state, batch, rng):
@@ -83,12 +109,12 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]), config.data.random_erasing)
         images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
                                      label_smoothing=config.label_smoothing, **config.mixup.to_dict())
-        (total, aux), grads = accumulated_grads(state["params"], images, targets, rng_loss)
+        (total, aux), grads = accumulated_grads(state["params"], model_state(state), images, targets, rng_loss)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                     "opt_state": opt_state, "rng": state["rng"]}
-        # A NaN or Inf loss or gradient: the update is not applied (the trainer stops or goes on,
-        # per config.on_nonfinite), so parameters and checkpoints never hold NaNs.
+                     "opt_state": opt_state, "rng": state["rng"], **aux["model_state"]}
+        # A NaN or Inf loss or gradient: the update is not applied, nor the model state's (the trainer
+        # stops or goes on, per config.on_nonfinite), so parameters and checkpoints never hold NaNs.
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -102,11 +128,12 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
 
 
 def make_eval_step(config, model, num_classes: int):
-    """Sums of top-1 and top-5 hits over the real (mask = 1) examples of a padded batch."""
+    """Sums of top-1 and top-5 hits over the real (mask = 1) examples of a padded batch.
+    `variables`: `variables(state)`, the parameters and (ResNet) the running statistics."""
     normalise = _normaliser(config)
 
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, normalise(batch["image"]), train=False)
+    def eval_step(variables, batch):
+        logits = model.apply(variables, normalise(batch["image"]), train=False)
         top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
         hits = top5 == batch["label"][:, None]
         return {"correct1": jnp.sum(hits[:, 0] * batch["mask"]),

@@ -86,10 +86,12 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         state = jax.jit(init, out_shardings=state_sharding)(rng)
         start_step = 0
         if config.init_from:
-            params = convert.adapt_params(convert.read_params(config.init_from), jax.device_get(state["params"]),
-                                          family=config.model.family, say=say)
-            state["params"] = jax.device_put(params, state_sharding["params"])
-            say(f"Initialised the parameters from {config.init_from}.")
+            loaded = convert.adapt_variables(convert.read_variables(config.init_from),
+                                             jax.device_get(step_lib.variables(state)), family=config.model.family,
+                                             say=say)
+            for name, value in loaded.items():
+                state[name] = jax.device_put(value, state_sharding[name])
+            say(f"Initialised the {' and '.join(loaded)} from {config.init_from}.")
     else:
         start_step = int(jax.device_get(state["step"]))
         summary = workdir_lib.read_summary(workdir)
@@ -107,10 +109,10 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                          in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     eval_step = jax.jit(step_lib.make_eval_step(config, model, data.num_classes),
-                        in_shardings=(state_sharding["params"], batch_sharding), out_shardings=replicated)
+                        in_shardings=(step_lib.variables(state_sharding), batch_sharding), out_shardings=replicated)
 
-    def evaluate(params):
-        sums = [eval_step(params, to_global(batch)) for batch in data.eval_batches()]
+    def evaluate(variables):
+        sums = [eval_step(variables, to_global(batch)) for batch in data.eval_batches()]
         sums = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
         return {"top1": sums["correct1"] / sums["count"], "top5": sums["correct5"] / sums["count"],
                 "eval_examples": int(sums["count"])}
@@ -159,7 +161,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 writer.flush()
                 say(progress.line(step, scalars, scalars["examples_per_s"] / config.batch_size))
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-                result = evaluate(state["params"])
+                result = evaluate(step_lib.variables(state))
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
                 writer.flush()
                 say(f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
@@ -173,7 +175,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
 
     # ----------------------------------------------------------------------------------------------
     # Final evaluation.
-    result = evaluate(state["params"])
+    result = evaluate(step_lib.variables(state))
     writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
     writer.flush()
     summary = {"step": step, **result, "wall_s": time.time() - start_time}

@@ -40,10 +40,15 @@ def _setup(drop_path=0.1):
     labels = jnp.arange(8) % 6
     targets = 0.7 * jax.nn.one_hot(labels, 6) + 0.3 * jax.nn.one_hot(labels[::-1], 6)
 
-    def forward(p, x, rng, **corruption):
+    def logits(p, x, rng, **corruption):
         rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
         return model.apply({"params": p}, x, train=True, rngs=rngs, **corruption)
-    return forward, params, images, targets
+    return logits, params, images, targets
+
+
+def _stateless(logits):
+    """The Forward that masksub takes, for a model without state."""
+    return lambda p, state, x, rng, **corruption: (logits(p, x, rng, **corruption), state)
 
 
 @pytest.mark.parametrize("loss_name", ["bce", "ce"])
@@ -53,7 +58,7 @@ def test_fused_gradient_equals_half_main_plus_half_sub_with_fixed_teacher(loss_n
     loss = losses.LOSSES[loss_name]
     rng = jax.random.PRNGKey(7)
     (total, aux), grads = jax.value_and_grad(masksub.loss_fn, has_aux=True)(
-        params, forward, images, targets, rng, loss=loss, mode=mode, ratio=0.5, num_units=16)
+        params, {}, _stateless(forward), images, targets, rng, loss=loss, mode=mode, ratio=0.5, num_units=16)
 
     # Independently: two separate gradients, the sub one against a precomputed, constant teacher.
     rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
@@ -84,7 +89,7 @@ def test_plain_recipe_has_no_sub_branch(mode, ratio):
     forward, params, images, targets = _setup()
     loss = losses.LOSSES["ce"]
     rng = jax.random.PRNGKey(7)
-    total, aux = masksub.loss_fn(params, forward, images, targets, rng, loss=loss, mode=mode, ratio=ratio,
+    total, aux = masksub.loss_fn(params, {}, _stateless(forward), images, targets, rng, loss=loss, mode=mode, ratio=ratio,
                                  num_units=16)
     rng_main = jax.random.split(rng, 3)[0]
     np.testing.assert_allclose(total, loss.fn(forward(params, images, rng_main), targets), rtol=1e-6)
@@ -101,9 +106,9 @@ def test_memory_lean_order_gives_the_fused_gradient(mode):
     forward, params, images, targets = _setup()
     kwargs = dict(loss=losses.LOSSES["bce"], mode=mode, ratio=0.5, num_units=16)
     rng = jax.random.PRNGKey(3)
-    (total, aux), fused = masksub.grads(params, forward, images, targets, rng, **kwargs)
+    (total, aux), fused = masksub.grads(params, {}, _stateless(forward), images, targets, rng, **kwargs)
     (total_lean, aux_lean), lean = jax.jit(
-        lambda p: masksub.grads(p, forward, images, targets, rng, memory_lean=True, **kwargs))(params)
+        lambda p: masksub.grads(p, {}, _stateless(forward), images, targets, rng, memory_lean=True, **kwargs))(params)
     np.testing.assert_allclose(total_lean, total, rtol=1e-6)
     np.testing.assert_allclose(aux_lean["loss_sub"], aux["loss_sub"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(lean), jax.tree.leaves(fused)):

@@ -61,11 +61,11 @@ def test_masksub_loss_and_every_gradient_equal_the_official_two_pass_accumulatio
     params = vit.from_timm(_state_dict(fx, "deit3"), variant="parity/4", image_size=16)
     monkeypatch.setattr(masksub, "keep_indices", lambda *args: jnp.asarray(fx["keep_idx"]))
 
-    def forward(p, images, rng, **corruption):
+    def forward(p, state, images, rng, **corruption):
         del rng  # no dropout or drop-path in the fixture
-        return MODEL.apply({"params": p}, images, train=True, **corruption)
+        return MODEL.apply({"params": p}, images, train=True, **corruption), state
 
-    (total, aux), grads = masksub.grads(params, forward, jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]),
+    (total, aux), grads = masksub.grads(params, {}, forward, jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]),
                                         jax.random.PRNGKey(0), loss=losses.LOSSES[loss], mode="masking",
                                         ratio=0.5, num_units=16)
     assert float(aux["loss_main"]) == pytest.approx(float(fx[f"{loss}_loss_main"]), rel=1e-5)

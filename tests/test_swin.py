@@ -11,7 +11,7 @@ import pytest
 
 from masksub_jax import config as config_lib
 from masksub_jax import convert, losses, masksub, optim, train
-from masksub_jax.models import swin, weights
+from masksub_jax.models import layers, swin, weights
 from tests.conftest import REPO, tiny_digits_config
 from tests.seeded import seeded_weights
 
@@ -61,11 +61,11 @@ def test_sub_branch_logits_equal_the_official_mask_token_forward(fx):
 def test_masksub_loss_and_every_gradient_equal_the_official_two_pass_step(fx, monkeypatch):
     monkeypatch.setattr(masksub, "keep_indices", lambda *args: jnp.asarray(fx["keep_idx"]))
 
-    def forward(p, images, rng, **corruption):
+    def forward(p, state, images, rng, **corruption):
         del rng  # no dropout or drop-path in the fixture
-        return MODEL.apply({"params": p}, images, train=True, **corruption)
+        return MODEL.apply({"params": p}, images, train=True, **corruption), state
 
-    (total, aux), grads = masksub.grads(_params(fx), forward, jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]),
+    (total, aux), grads = masksub.grads(_params(fx), {}, forward, jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]),
                                         jax.random.PRNGKey(0), loss=losses.LOSSES["ce"], mode="masking", ratio=0.5,
                                         num_units=4)
     assert float(aux["loss_main"]) == pytest.approx(float(fx["loss_main"]), rel=1e-5)
@@ -159,7 +159,7 @@ def test_mask_tokens_lie_exactly_on_the_dropped_blocks():
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, grid, grid, width)) + 10.0
     token = -jnp.ones((1, 1, width))
     keep_idx = masksub.keep_indices(jax.random.PRNGKey(1), batch, 16, 0.5)
-    out = np.asarray(swin.replace_dropped_blocks(x, keep_idx, block, token))
+    out = np.asarray(layers.keep_blocks(x, keep_idx, block, token.reshape(-1)))
     blocks = out.reshape(batch, 4, block, 4, block, width).transpose(0, 1, 3, 2, 4, 5).reshape(batch, 16, -1)
     masked = np.all(blocks == -1.0, axis=-1)
     unchanged = np.all(blocks == np.asarray(x).reshape(batch, 4, block, 4, block, width).transpose(

@@ -57,3 +57,13 @@ class Mlp(nn.Module):
         x = Dropout(self.dropout)(x, deterministic, example_ids)
         x = nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
         return Dropout(self.dropout)(x, deterministic, example_ids)
+
+
+def keep_blocks(x, keep_idx, block: int, fill):
+    """x (B, H, W, C) with every position of the `block` x `block` squares not in `keep_idx` (B, kept;
+    row-major over the grid of squares) set to `fill` (C,): Swin's mask tokens, ResNet's zeros."""
+    batch, h, w, _ = x.shape
+    rows, cols = h // block, w // block
+    kept = jnp.zeros((batch, rows * cols), bool).at[jnp.arange(batch)[:, None], keep_idx].set(True)
+    kept = jnp.broadcast_to(kept.reshape(batch, rows, 1, cols, 1), (batch, rows, block, cols, block))
+    return jnp.where(kept.reshape(batch, h, w, 1), x, jnp.asarray(fill, x.dtype))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from masksub_jax.models.layers import Dropout, DropPath, Mlp, conv_init, dense_init
+from masksub_jax.models.layers import Dropout, DropPath, Mlp, conv_init, dense_init, keep_blocks
 from masksub_jax.models.weights import ConversionError, flatten, linear_to_ours, linear_to_timm, listed, nest
 
 # name -> (embed dim, depth of each stage, heads of each stage, window). Patch size after the slash: "T/4".
@@ -172,15 +172,6 @@ class PatchEmbed(nn.Module):
         return nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="norm")(x)
 
 
-def replace_dropped_blocks(x, keep_idx, block_tokens: int, mask_token):
-    """x (B, H, W, C) with every token of the blocks not in `keep_idx` (B, kept) set to mask_token."""
-    batch, h, w, _ = x.shape
-    rows, cols = h // block_tokens, w // block_tokens
-    kept = jnp.zeros((batch, rows * cols), bool).at[jnp.arange(batch)[:, None], keep_idx].set(True)
-    kept = jnp.broadcast_to(kept.reshape(batch, rows, 1, cols, 1), (batch, rows, block_tokens, cols, block_tokens))
-    return jnp.where(kept.reshape(batch, h, w, 1), x, mask_token.reshape(-1).astype(x.dtype))
-
-
 class Swin(nn.Module):
     """Swin on normalised images (batch, H, W, C); returns float32 logits (batch, num_classes).
 
@@ -204,7 +195,7 @@ class Swin(nn.Module):
         x = PatchEmbed(width, patch, self.dtype, name="patch_embed")(images)
         mask_token = self.param("mask_token", dense_init, (1, 1, width))
         if keep_idx is not None:
-            x = replace_dropped_blocks(x, keep_idx, self.block_size // patch, mask_token)
+            x = keep_blocks(x, keep_idx, self.block_size // patch, fill=mask_token.reshape(-1))
 
         example_ids = first_example + jnp.arange(x.shape[0])
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
