@@ -2,6 +2,8 @@
 
 bce: DeiT-III. Mean binary cross-entropy over batch and classes; the main branch learns the mixup
      target binarised (both mixed classes are 1), the sub-branch the sigmoid of the main logits.
+bce_soft: timm's BinaryCrossEntropy as the RSB recipe runs it: the same loss, the main branch learns
+     the mixed target as it is (soft), the sub-branch the sigmoid of the main logits.
 ce:  soft-target cross-entropy (timm's SoftTargetCrossEntropy); the sub-branch learns the softmax
      of the main logits.
 """
@@ -28,5 +30,6 @@ def soft_target_ce(logits, targets):
 
 LOSSES = {
     "bce": Loss(bce, main_targets=lambda t: (t > 0).astype(t.dtype), teacher=jax.nn.sigmoid),
+    "bce_soft": Loss(bce, main_targets=lambda t: t, teacher=jax.nn.sigmoid),
     "ce": Loss(soft_target_ce, main_targets=lambda t: t, teacher=jax.nn.softmax),
 }

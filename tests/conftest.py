@@ -72,6 +72,16 @@ def digits_main_command(workdir: str, data_dir: str, overrides: dict) -> list[st
     return [sys.executable, "-m", "masksub_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *flags]
 
 
+def wait_for_step(proc, step: int) -> list[str]:
+    """Reads a trainer process's output until it reports a step >= `step`; returns the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+            return lines
+    raise AssertionError(f"the run ended before step {step}:\n{''.join(lines[-30:])}")
+
+
 @contextlib.contextmanager
 def mock_imagenet(num_examples: int):
     """tfds.testing.mock_data's imagenet2012 (random JPEGs of any shape, 1000 classes), read by index.

@@ -15,3 +15,22 @@ def seeded_weights(shapes: dict) -> dict:
         else:
             out[name] = noise / np.float32(np.sqrt(np.prod(shape[1:])))
     return out
+
+
+def seeded_batchnorm_weights(shapes: dict) -> dict:
+    """As `seeded_weights` for a network with BatchNorm (timm's names): every 1-D weight (a BatchNorm
+    gamma) near 1, running means small, running variances in [1, 1.2]-ish, counters 0."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("num_batches_tracked"):
+            out[name] = np.zeros(shape, np.int64)
+            continue
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if name.endswith("running_var"):
+            out[name] = 1 + 0.2 * np.abs(noise)
+        elif len(shape) == 1:
+            out[name] = 1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise
+        else:
+            out[name] = noise / np.float32(np.sqrt(np.prod(shape[1:])))
+    return out

@@ -16,7 +16,8 @@ import pytest
 
 from masksub_jax import checkpoint, preemption, train
 from masksub_jax.data import pipeline
-from tests.conftest import REPO, digits_file_config, digits_main_command, flip_one_bit, tiny_digits_config
+from tests.conftest import (REPO, digits_file_config, digits_main_command, flip_one_bit, tiny_digits_config,
+                            wait_for_step)
 
 # configs/digits.py shortened; the same overrides for the child processes and the in-process reference.
 OVERRIDES = {"total_steps": 30, "checkpoint_every_steps": 5, "log_every_steps": 1, "eval_every_steps": 0}
@@ -33,16 +34,6 @@ def _digits_config(data_dir):
 def _start(workdir, data_dir):
     return subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
-
-
-def _wait_for_step(proc, step: int) -> list[str]:
-    """Reads the child's output until it reports a step >= `step`; returns the lines read."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
-            return lines
-    raise AssertionError(f"the run ended before step {step}:\n{''.join(lines[-30:])}")
 
 
 def _assert_same_params(workdir_a, workdir_b):
@@ -62,7 +53,7 @@ def test_kill_9_at_random_steps_and_during_a_write_then_rerun_equals_uninterrupt
     workdir = str(tmp_path / "w")
     for kill_at in sorted(np.random.default_rng(0).choice(np.arange(3, 28), 3, replace=False)):
         proc = _start(workdir, digits_dir)
-        _wait_for_step(proc, kill_at)
+        wait_for_step(proc, kill_at)
         proc.kill()  # SIGKILL: no handler runs
         proc.wait()
     # Once more, killed the moment a checkpoint write is seen in progress (Orbax's temporary folder).
@@ -84,7 +75,7 @@ def test_kill_9_at_random_steps_and_during_a_write_then_rerun_equals_uninterrupt
 def test_sigterm_twice_saves_exits_75_and_the_rerun_equals_uninterrupted(reference, digits_dir, tmp_path):
     workdir = str(tmp_path / "w")
     proc = _start(workdir, digits_dir)
-    _wait_for_step(proc, 7)
+    wait_for_step(proc, 7)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # while it finishes the step or saves: must not corrupt anything

@@ -1,4 +1,4 @@
-"""Model families, chosen by `config.model.family`: "vit", "swin", or the import path of your own
+"""Model families, chosen by `config.model.family`: "vit", "swin", "resnet", or the import path of your own
 module (e.g. "my_project.my_family"). A family module says
 
   describe(config) -> str                   how the trainer names the model, e.g. "ViT-S/16"
@@ -24,10 +24,17 @@ and may say (absent: the default after the colon)
                                             another size is re-initialised
   layer_ids(params) -> tree of int          for optim.layer_decay: each parameter's depth, the head's
                                             the largest: the layer decay is refused
+  STATE_COLLECTIONS                         names of the collections besides params that the model keeps
+                                            (ResNet: ("batch_stats",)); its from_timm then returns and
+                                            its to_timm takes {"params": ..., name: ...}: none
+
+A model with such collections updates them in training mode (`apply(..., mutable=[...])`); the
+trainer finds them in `model.init`'s result, keeps them in the train state beside the parameters,
+checkpoints them and evaluates with them.
 """
 import importlib
 
-FAMILIES = ("vit", "swin")
+FAMILIES = ("vit", "swin", "resnet")
 
 
 def get(family: str):

@@ -1,0 +1,379 @@
+"""ResNet (RSB) with BatchNorm and the zeroed-squares sub-branch: parity with timm, PyTorch's BatchNorm
+and the official MaskSub step (fixtures from tools/make_resnet_fixtures.py), the statistics in the
+train step, the configs, and timm weights in and out."""
+import importlib.util
+import json
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from masksub_jax import config as config_lib
+from masksub_jax import convert, losses, masksub, sharding, train
+from masksub_jax import step as step_lib
+from masksub_jax.models import layers, resnet, weights
+from masksub_jax import checkpoint
+from tests.conftest import REPO, digits_file_config, digits_main_command, tiny_digits_config, wait_for_step
+from tests.seeded import seeded_batchnorm_weights
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "resnet_parity.npz")
+TINY = ((1, 1, 1, 1), 64, (4, 8, 16, 32))  # the fixture's timm model (its plain stem is 64 wide)
+
+
+@pytest.fixture(scope="module")
+def fx():
+    with np.load(FIXTURE) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(autouse=True)
+def _parity_variant(monkeypatch):
+    monkeypatch.setitem(resnet.VARIANTS, "parity", TINY)
+
+
+def _state_dict(fx, prefix):
+    return {k.split("/", 1)[1]: v for k, v in fx.items() if k.startswith(prefix + "/")}
+
+
+def _variables(fx):
+    return resnet.from_timm(_state_dict(fx, "tiny"), variant="parity")
+
+
+def _rel(got, want):
+    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+MODEL = resnet.ResNet(num_classes=10, variant="parity", block_size=16)
+
+
+def _train_forward(model):
+    """masksub's Forward for a model with batch_stats (the trainer's, without dropout or drop-path)."""
+    def forward(p, state, images, rng, **corruption):
+        del rng
+        return model.apply({"params": p, **state}, images, train=True, mutable=list(state), **corruption)
+    return forward
+
+
+def _running(fx, prefix):
+    """Our batch_stats tree from the fixture's running_mean / running_var buffers."""
+    sd = {**_state_dict(fx, "tiny"), **_state_dict(fx, prefix)}
+    return resnet.from_timm(sd, variant="parity")["batch_stats"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model.
+def test_eval_logits_equal_timm_on_the_same_weights(fx):
+    logits = MODEL.apply(_variables(fx), jnp.asarray(fx["images"]))
+    assert _rel(logits, fx["tiny_logits"]) < 1e-5
+
+
+def test_resnet50_logits_equal_timm_at_64px_and_export_gives_timm_names_and_shapes(fx):
+    names = list(fx["resnet50_names"])
+    shapes = {n: tuple(int(d) for d in s.split(",") if d) for n, s in zip(names, fx["resnet50_shapes"])}
+    sd = seeded_batchnorm_weights(shapes)
+    variables = resnet.from_timm(sd, variant="50")
+    image = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32).transpose(0, 2, 3, 1)
+    logits = resnet.ResNet(num_classes=1000, variant="50").apply(variables, jnp.asarray(image))
+    assert _rel(logits, fx["resnet50_logits"]) < 1e-5
+    exported = resnet.to_timm(variables)
+    assert list(exported) == names or sorted(exported) == sorted(names)
+    assert {k: v.shape for k, v in exported.items()} == shapes
+    for k, v in sd.items():  # export(load(sd)) == sd, bit for bit (the counters are written as 0)
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+
+
+def test_parameter_counts_are_timms():
+    # timm: resnet50 25,557,032; resnet101 44,549,160; resnet152 60,192,808 parameters.
+    for variant, count in (("50", 25_557_032), ("101", 44_549_160), ("152", 60_192_808)):
+        shapes = jax.eval_shape(resnet.ResNet(num_classes=1000, variant=variant).init, jax.random.PRNGKey(0),
+                                jnp.zeros((1, 64, 64, 3)))
+        assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"])) == count, variant
+
+
+def test_train_mode_forward_updates_running_statistics_like_pytorch(fx):
+    logits, updated = MODEL.apply(_variables(fx), jnp.asarray(fx["images"]), train=True, mutable=["batch_stats"])
+    assert _rel(logits, fx["tiny_train_logits"]) < 1e-5
+    want = weights.flatten(_running(fx, "after_train_forward"))
+    got = weights.flatten(updated["batch_stats"])
+    assert set(got) == set(want) and len(got) == 2 * 17  # mean and var of 17 BatchNorms
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_batchnorm_groups_normalise_each_group_by_its_own_statistics():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 5, 3)) * 3 + 1
+    grouped = resnet.BatchNorm(group_size=4)
+    variables = grouped.init(jax.random.PRNGKey(1), x, train=False)
+    y, stats = grouped.apply(variables, x, train=True, mutable=["batch_stats"])
+    halves = [resnet.BatchNorm().apply(variables, x[i:i + 4], train=True, mutable=["batch_stats"]) for i in (0, 4)]
+    np.testing.assert_allclose(y, jnp.concatenate([h[0] for h in halves]), rtol=1e-6, atol=1e-6)
+    for name in ("mean", "var"):  # the running statistics move by the mean over groups
+        want = (halves[0][1]["batch_stats"][name] + halves[1][1]["batch_stats"][name]) / 2
+        np.testing.assert_allclose(stats["batch_stats"][name], want, rtol=1e-6)
+    # Against NumPy: the unbiased variance of one group of 4 x 5 x 5 values.
+    first = np.asarray(x[:4]).reshape(-1, 3)
+    np.testing.assert_allclose(halves[0][1]["batch_stats"]["var"], 0.9 + 0.1 * first.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(halves[0][1]["batch_stats"]["mean"], 0.1 * first.mean(0), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sub-branch and the step.
+def test_zeroed_squares_count_and_positions():
+    images = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 64, 3)) + 5.0
+    units = (64 // 16) ** 2
+    keep_idx = masksub.keep_indices(jax.random.PRNGKey(1), 3, units, 0.75)
+    out = np.asarray(layers.keep_blocks(images, keep_idx, 16, fill=0.0))
+    squares = out.reshape(3, 4, 16, 4, 16, 3).transpose(0, 1, 3, 2, 4, 5).reshape(3, units, -1)
+    zeroed = np.all(squares == 0.0, axis=-1)
+    assert zeroed.sum(axis=1).tolist() == [units - int(units * 0.25)] * 3  # int(L * (1 - ratio)) kept
+    for j in range(3):
+        assert sorted(np.flatnonzero(~zeroed[j])) == sorted(np.asarray(keep_idx[j]))
+    kept = squares[~zeroed]
+    assert np.all(kept > 0)  # untouched: every original value is about 5
+
+
+def test_keeping_every_square_is_the_main_branch(fx):
+    every = jnp.tile(jnp.arange(4)[None], (4, 1))
+    images = jnp.asarray(fx["images"])
+    main, _ = MODEL.apply(_variables(fx), images, train=True, mutable=["batch_stats"])
+    sub, _ = MODEL.apply(_variables(fx), images, train=True, mutable=["batch_stats"], keep_idx=every)
+    np.testing.assert_array_equal(sub, main)
+
+
+def test_masksub_loss_gradients_and_statistics_equal_the_official_step(fx, monkeypatch):
+    """The official code's two backward passes, BatchNorm in training mode in both forwards."""
+    variables = _variables(fx)
+    monkeypatch.setattr(masksub, "keep_indices", lambda *args: jnp.asarray(fx["keep_idx"]))
+    (total, aux), grads = jax.jit(lambda p, s: masksub.grads(
+        p, s, _train_forward(MODEL), jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]), jax.random.PRNGKey(0),
+        loss=losses.LOSSES["bce_soft"], mode="masking", ratio=0.5, num_units=4))(
+        variables["params"], {"batch_stats": variables["batch_stats"]})
+    assert float(aux["loss_main"]) == pytest.approx(float(fx["loss_main"]), rel=1e-5)
+    assert float(aux["loss_sub"]) == pytest.approx(float(fx["loss_sub"]), rel=1e-5)
+    assert float(total) == pytest.approx(0.5 * float(fx["loss_main"]) + 0.5 * float(fx["loss_sub"]), rel=1e-5)
+    theirs = {**{k: np.zeros_like(v) for k, v in _state_dict(fx, "tiny").items()}, **_state_dict(fx, "grads")}
+    want = weights.flatten(resnet.from_timm(theirs, variant="parity")["params"])
+    got = weights.flatten(grads)
+    assert set(got) == set(want)
+    for k in want:
+        assert _rel(got[k], want[k]) < 1e-4, k
+    # The running statistics moved twice: main branch, then sub-branch.
+    want_stats = weights.flatten(_running(fx, "after_step"))
+    for k, v in weights.flatten(aux["model_state"]["batch_stats"]).items():
+        np.testing.assert_allclose(v, want_stats[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _step_config(**overrides):
+    return tiny_digits_config("/unused", batch_size=8, loss="bce_soft", label_smoothing=0.0, **{
+        "model.family": "resnet", "model.variant": "parity", "data.image_size": 32, "data.mean": (0.5,) * 3,
+        "data.std": (0.5,) * 3, "masksub.block_size": 16, "mixup.mixup_alpha": 0.0, "mixup.cutmix_alpha": 0.0,
+        "optim.name": "lamb", **overrides})
+
+
+def _one_step(config, state=None):
+    model = step_lib.make_model(config, 10)
+    tx, schedule = step_lib.make_optimizer(config, total_steps=10, steps_per_epoch=10)
+    if state is None:
+        state = jax.jit(step_lib.make_init(model, tx, (32, 32, 3)))(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             "label": rng.integers(0, 10, 8).astype(np.int32)}
+    return state, batch, *jax.jit(step_lib.make_train_step(config, model, tx, schedule, 10))(
+        state, batch, jax.random.PRNGKey(3))
+
+
+def test_statistics_move_once_in_the_baseline_and_twice_with_masksub(monkeypatch):
+    keep = jnp.asarray(np.random.default_rng(2).permuted(np.tile(np.arange(4), (8, 1)), axis=1)[:, :2], jnp.int32)
+    monkeypatch.setattr(masksub, "keep_indices", lambda *args: keep)
+    initial, batch, plain, _ = _one_step(_step_config(**{"masksub.mode": "none"}))
+    *_, masked, _ = _one_step(_step_config(), initial)
+
+    # Each branch's batch statistics, independently: one forward from zero running statistics
+    # leaves 0.1 x the batch mean and 0.1 x the unbiased batch variance.
+    model = resnet.ResNet(num_classes=10, variant="parity", block_size=16)
+    images = (jnp.asarray(batch["image"], jnp.float32) - 127.5) / 127.5
+    zero = jax.tree.map(jnp.zeros_like, initial["batch_stats"])
+
+    def batch_stats(**corruption):
+        _, out = model.apply({"params": initial["params"], "batch_stats": zero}, images, train=True,
+                             mutable=["batch_stats"], **corruption)
+        return jax.tree.map(lambda s: s / 0.1, out["batch_stats"])
+    main, sub = batch_stats(), batch_stats(keep_idx=keep)
+    once = jax.tree.map(lambda r, m: 0.9 * r + 0.1 * m, initial["batch_stats"], main)
+    twice = jax.tree.map(lambda r, s: 0.9 * r + 0.1 * s, once, sub)
+    for got, want in ((plain["batch_stats"], once), (masked["batch_stats"], twice)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert not np.allclose(plain["batch_stats"]["bn1"]["mean"], masked["batch_stats"]["bn1"]["mean"])
+
+
+def test_a_nonfinite_step_leaves_the_statistics_as_they_were():
+    config = _step_config()
+    initial, *_ = _one_step(config)
+    poisoned = {**initial, "params": jax.tree.map(lambda p: p, initial["params"])}
+    poisoned["params"]["head"]["bias"] = poisoned["params"]["head"]["bias"].at[0].set(jnp.nan)
+    _, _, state, metrics = _one_step(config, poisoned)
+    assert float(metrics["nonfinite"]) == 1.0
+    for a, b in zip(jax.tree.leaves(state["batch_stats"]), jax.tree.leaves(initial["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+
+
+# AdamW with a large eps, so that an update is smooth in its gradient, for comparing steps whose sums
+# are rounded differently: Adam's (and LAMB's) first step divides a gradient element by its own size,
+# which turns rounding in a near-zero element into a whole lr step. With eps 1e-3 rounding moves an
+# update by at most lr / eps times its own size.
+SMOOTH = {"optim.name": "adamw", "optim.eps": 1e-3}
+
+
+def test_accumulation_with_batchnorm_groups_of_the_micro_batch_gives_the_full_batch_update():
+    """Groups of 4: each micro-batch of 4 is normalised exactly as within the whole batch of 8."""
+    smooth = {"model.bn_group_size": 4, **SMOOTH}
+    _, _, full, full_metrics = _one_step(_step_config(**smooth))
+    _, _, accumulated, metrics = _one_step(_step_config(accum_steps=2, **smooth))
+    for key in ("loss_main", "loss_sub", "grad_norm"):
+        assert float(metrics[key]) == pytest.approx(float(full_metrics[key]), rel=1e-5), key
+    for a, b in zip(jax.tree.leaves(accumulated["params"]), jax.tree.leaves(full["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # 0.2% of lr
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer: configs/digits.py with a digits-sized ResNet (1 channel, 8 px, squares of 4 px).
+DIGITS_RESNET = {"model.family": "resnet", "model.variant": "mu", "model.drop_path": 0.0, "masksub.block_size": 4,
+                 "total_steps": 16, "checkpoint_every_steps": 4, "log_every_steps": 1, "eval_every_steps": 0,
+                 "optim.warmup_epochs": 0.0}
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return np.array([[m["loss_main"], m["loss_sub"]] for m in map(json.loads, f) if "loss" in m])
+
+
+@pytest.fixture(scope="module")
+def digits_reference(digits_dir, tmp_path_factory):
+    """The uninterrupted digits ResNet run on the 8 devices of this process (global BatchNorm statistics)."""
+    workdir = str(tmp_path_factory.mktemp("resnet_reference"))
+    assert train.run(digits_file_config(digits_dir, DIGITS_RESNET), workdir)["step"] == 16
+    return workdir
+
+
+def test_one_step_on_8_devices_equals_1_device_with_global_statistics():
+    """The trainer's shardings (batch over 8 devices): BatchNorm's statistics are those of the whole
+    batch (bn_group_size 0), as on one device. (Groups are computed on the batch as a whole too, the
+    same with any sharding: test_batchnorm_groups_... .)"""
+    mesh = sharding.make_mesh(1)
+    for group in (0,):
+        config = _step_config(**{"model.bn_group_size": group, **SMOOTH})
+        initial, batch, want, want_metrics = _one_step(config)
+        model = step_lib.make_model(config, 10)
+        tx, schedule = step_lib.make_optimizer(config, total_steps=10, steps_per_epoch=10)
+        state_sharding = sharding.state_sharding(initial, mesh)
+        step = jax.jit(step_lib.make_train_step(config, model, tx, schedule, 10),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)))
+        got, metrics = step(jax.device_put(initial, state_sharding), batch, jax.random.PRNGKey(3))
+        assert len(got["batch_stats"]["bn1"]["mean"].sharding.device_set) == 8
+        assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(step_lib.variables(got)),
+                                jax.tree.leaves(step_lib.variables(want))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"group {group} {jax.tree_util.keystr(path)}")
+
+
+def test_kill_9_then_rerun_equals_the_uninterrupted_run_statistics_included(digits_reference, digits_dir, tmp_path):
+    losses_main = _losses(digits_reference)[:, 0]
+    assert losses_main.shape == (16,) and losses_main[-4:].mean() < losses_main[:4].mean()  # it learns
+    workdir = str(tmp_path / "w")
+    proc = subprocess.Popen(digits_main_command(workdir, digits_dir, DIGITS_RESNET), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    wait_for_step(proc, 10)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    done = subprocess.run(digits_main_command(workdir, digits_dir, DIGITS_RESNET), cwd=REPO, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and "Resuming from the checkpoint of step" in done.stdout, done.stdout[-3000:]
+    want, got = checkpoint.load_variables(digits_reference), checkpoint.load_variables(workdir)
+    assert sorted(got) == ["batch_stats", "params"]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs.
+def _load(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_shipped_configs_carry_the_official_rsb_command():
+    for name, variant in (("resnet50", "50"), ("resnet101", "101"), ("resnet152", "152")):
+        c = _load(name)
+        config_lib.validate(c, num_devices=8)
+        assert (c.model.family, c.model.variant, c.model.bn_group_size) == ("resnet", variant, 256)
+        assert (c.batch_size, c.total_epochs, c.data.image_size, c.data.crop_ratio) == (2048, 300.0, 224, 0.95)
+        assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.warmup_epochs) == ("lamb", 5e-3, 0.02, 5.0)
+        assert (c.optim.warmup_init_lr, c.optim.min_lr) == (1e-4, 1e-6)
+        assert (c.loss, c.label_smoothing, c.mixup.mixup_alpha, c.mixup.cutmix_alpha) == ("bce_soft", 0.0, 0.0, 1.0)
+        assert (c.data.augment, c.data.repeated_aug, c.data.random_erasing) == ("rand-m7-mstd0.5", 3, 0.0)
+        assert (c.masksub.mode, c.masksub.ratio, c.masksub.block_size, c.model.drop_path) == ("masking", 0.5, 32, 0.0)
+        assert resnet.num_units(c) == 49
+
+
+def test_resnet50_config_runs_3_steps_on_synthetic_data_at_a_tiny_size(tmp_path):
+    c = _load("resnet50")
+    c.data.source, c.data.image_size, c.batch_size, c.eval_batch_size = "synthetic", 32, 8, 8
+    c.data.num_train_examples, c.data.num_eval_examples, c.model.bn_group_size = 16, 8, 4
+    c.masksub.block_size = 16  # 4 squares at 32 px
+    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 3, 1, 3
+    summary = train.run(c, str(tmp_path))
+    assert summary["step"] == 3 and summary["eval_examples"] == 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.variant": "34"}, r"model.variant='34' is invalid: Unknown ResNet variant"),
+    ({"masksub.mode": "dropout"}, "ResNet has no dropout sub-branch"),
+    ({"masksub.block_size": 12}, r"masksub.block_size=12 is invalid: the zeroed squares must tile data.image_size=32"),
+    ({"model.bn_group_size": 3}, r"model.bn_group_size=3 is invalid: .* divide the batch each forward sees \(8"),
+    ({"model.bn_group_size": 8, "accum_steps": 2}, r"bn_group_size=8 is invalid: .*\(4 = batch_size / accum_steps\)"),
+])
+def test_bad_resnet_configs_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(_step_config(**overrides))
+
+
+# --------------------------------------------------------------------------------------------------
+# timm weights in and out.
+def test_missing_and_misshapen_weights_are_named(fx):
+    sd = _state_dict(fx, "tiny")
+    with pytest.raises(weights.ConversionError, match=r"missing keys \['layer2.0.bn3.running_var'\]"):
+        resnet.from_timm({k: v for k, v in sd.items() if k != "layer2.0.bn3.running_var"}, variant="parity")
+    with pytest.raises(weights.ConversionError, match="ResNet-mu wants"):
+        resnet.from_timm(sd, variant="mu")
+    with pytest.raises(weights.ConversionError, match="need --variant"):
+        resnet.from_timm(sd, variant=None)
+
+
+def test_convert_cli_and_init_from_carry_the_running_statistics(fx, tmp_path, capsys):
+    np.savez(tmp_path / "tiny.npz", **_state_dict(fx, "tiny"))
+    convert.main([f"--from={tmp_path / 'tiny.npz'}", f"--to={tmp_path / 'init'}", "--family=resnet",
+                  "--variant=parity"])
+    loaded = convert.read_variables(str(tmp_path / "init"))
+    assert sorted(loaded) == ["batch_stats", "params"]
+    np.testing.assert_array_equal(loaded["batch_stats"]["layer3_0"]["bn2"]["var"], fx["tiny/layer3.0.bn2.running_var"])
+
+    config = _step_config(init_from=str(tmp_path / "init"), total_steps=1, **{
+        "data.source": "synthetic", "data.num_train_examples": 8, "data.num_eval_examples": 8,
+        "eval_batch_size": 8})
+    assert train.run(config, str(tmp_path / "run"))["step"] == 1
+    out = capsys.readouterr().out
+    assert f"Initialised the batch_stats and params from {tmp_path / 'init'}" in out, out
+    # Export back to timm's names: the running statistics of the run, bit for bit.
+    convert.main(["--to_timm", f"--from={tmp_path / 'run'}", f"--to={tmp_path / 'out.npz'}", "--family=resnet"])
+    trained = checkpoint.load_variables(str(tmp_path / "run"))
+    with np.load(tmp_path / "out.npz") as exported:
+        assert exported["fc.weight"].shape == (10, 128)
+        np.testing.assert_array_equal(exported["bn1.running_mean"], trained["batch_stats"]["bn1"]["mean"])
+        assert set(exported.files) == set(_state_dict(fx, "tiny"))
