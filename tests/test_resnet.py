@@ -1,10 +1,13 @@
 """ResNet (RSB) with BatchNorm and the zeroed-squares sub-branch: parity with timm, PyTorch's BatchNorm
 and the official MaskSub step (fixtures from tools/make_resnet_fixtures.py), the statistics in the
 train step, the configs, and timm weights in and out."""
+import functools
 import importlib.util
 import json
 import os
 import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -166,35 +169,64 @@ def test_masksub_loss_gradients_and_statistics_equal_the_official_step(fx, monke
         np.testing.assert_allclose(v, want_stats[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+# The step tests share a handful of compiled programs (in this process and, through the persistent
+# compilation cache, with the trainer's): AdamW with a large eps, so that an update is smooth in its
+# gradient, for comparing steps whose sums are rounded differently. (Adam's and LAMB's first step
+# divides a gradient element by its own size, which turns rounding in a near-zero element into a
+# whole lr step; with eps 1e-3 rounding moves an update by at most lr / eps times its own size.)
 def _step_config(**overrides):
     return tiny_digits_config("/unused", batch_size=8, loss="bce_soft", label_smoothing=0.0, **{
         "model.family": "resnet", "model.variant": "parity", "data.image_size": 32, "data.mean": (0.5,) * 3,
         "data.std": (0.5,) * 3, "masksub.block_size": 16, "mixup.mixup_alpha": 0.0, "mixup.cutmix_alpha": 0.0,
-        "optim.name": "lamb", **overrides})
+        "optim.name": "adamw", "optim.eps": 1e-3, **overrides})
 
 
-def _one_step(config, state=None):
+def _model_and_optimizer(config):
     model = step_lib.make_model(config, 10)
-    tx, schedule = step_lib.make_optimizer(config, total_steps=10, steps_per_epoch=10)
+    tx, schedule = step_lib.make_optimizer(config, total_steps=1, steps_per_epoch=1)  # as train.run's 1-step run
+    return model, tx, schedule
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(overrides: tuple, mesh=None):
+    """(init, train_step) of `_step_config(**dict(overrides))`, jitted once; with a mesh, the
+    train step as the trainer compiles it (shardings, donated state)."""
+    config = _step_config(**dict(overrides))
+    model, tx, schedule = _model_and_optimizer(config)
+    train_step = step_lib.make_train_step(config, model, tx, schedule, 10)
+    init = jax.jit(step_lib.make_init(model, tx, (32, 32, 3)))
+    if mesh is None:
+        return init, jax.jit(train_step)
+    state_sharding = sharding.state_sharding(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
+    return init, jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                                                   sharding.replicated(mesh)),
+                         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+BATCH = {"image": np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+         "label": np.random.default_rng(1).integers(0, 10, 8).astype(np.int32)}
+
+
+def _one_step(state=None, **overrides):
+    """(initial state, new state, metrics) of one train step on BATCH."""
+    init, train_step = _jitted(tuple(sorted(overrides.items())))
     if state is None:
-        state = jax.jit(step_lib.make_init(model, tx, (32, 32, 3)))(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-             "label": rng.integers(0, 10, 8).astype(np.int32)}
-    return state, batch, *jax.jit(step_lib.make_train_step(config, model, tx, schedule, 10))(
-        state, batch, jax.random.PRNGKey(3))
+        state = init(jax.random.PRNGKey(0))
+    return (state, *train_step(state, BATCH, jax.random.PRNGKey(3)))
 
 
-def test_statistics_move_once_in_the_baseline_and_twice_with_masksub(monkeypatch):
-    keep = jnp.asarray(np.random.default_rng(2).permuted(np.tile(np.arange(4), (8, 1)), axis=1)[:, :2], jnp.int32)
-    monkeypatch.setattr(masksub, "keep_indices", lambda *args: keep)
-    initial, batch, plain, _ = _one_step(_step_config(**{"masksub.mode": "none"}))
-    *_, masked, _ = _one_step(_step_config(), initial)
+def test_statistics_move_once_in_the_baseline_twice_with_masksub_and_not_on_a_nonfinite_step():
+    # The squares the step keeps, drawn as it draws them: step.py splits its rng into (mix, loss),
+    # masksub.branches the loss rng into (main, sub, corruption).
+    rng_corruption = jax.random.split(jax.random.split(jax.random.PRNGKey(3))[1], 3)[2]
+    keep = masksub.keep_indices(rng_corruption, 8, 4, 0.5)
+    initial, plain, _ = _one_step(**{"masksub.mode": "none"})
+    _, masked, _ = _one_step(initial)
 
     # Each branch's batch statistics, independently: one forward from zero running statistics
     # leaves 0.1 x the batch mean and 0.1 x the unbiased batch variance.
     model = resnet.ResNet(num_classes=10, variant="parity", block_size=16)
-    images = (jnp.asarray(batch["image"], jnp.float32) - 127.5) / 127.5
+    images = (jnp.asarray(BATCH["image"], jnp.float32) - 127.5) / 127.5
     zero = jax.tree.map(jnp.zeros_like, initial["batch_stats"])
 
     def batch_stats(**corruption):
@@ -209,30 +241,19 @@ def test_statistics_move_once_in_the_baseline_and_twice_with_masksub(monkeypatch
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     assert not np.allclose(plain["batch_stats"]["bn1"]["mean"], masked["batch_stats"]["bn1"]["mean"])
 
-
-def test_a_nonfinite_step_leaves_the_statistics_as_they_were():
-    config = _step_config()
-    initial, *_ = _one_step(config)
+    # A NaN loss: the update is not applied, nor are the statistics moved.
     poisoned = {**initial, "params": jax.tree.map(lambda p: p, initial["params"])}
     poisoned["params"]["head"]["bias"] = poisoned["params"]["head"]["bias"].at[0].set(jnp.nan)
-    _, _, state, metrics = _one_step(config, poisoned)
+    _, state, metrics = _one_step(poisoned)
     assert float(metrics["nonfinite"]) == 1.0
     for a, b in zip(jax.tree.leaves(state["batch_stats"]), jax.tree.leaves(initial["batch_stats"])):
         np.testing.assert_array_equal(a, b)
 
 
-# AdamW with a large eps, so that an update is smooth in its gradient, for comparing steps whose sums
-# are rounded differently: Adam's (and LAMB's) first step divides a gradient element by its own size,
-# which turns rounding in a near-zero element into a whole lr step. With eps 1e-3 rounding moves an
-# update by at most lr / eps times its own size.
-SMOOTH = {"optim.name": "adamw", "optim.eps": 1e-3}
-
-
 def test_accumulation_with_batchnorm_groups_of_the_micro_batch_gives_the_full_batch_update():
     """Groups of 4: each micro-batch of 4 is normalised exactly as within the whole batch of 8."""
-    smooth = {"model.bn_group_size": 4, **SMOOTH}
-    _, _, full, full_metrics = _one_step(_step_config(**smooth))
-    _, _, accumulated, metrics = _one_step(_step_config(accum_steps=2, **smooth))
+    _, full, full_metrics = _one_step(**{"model.bn_group_size": 4})
+    _, accumulated, metrics = _one_step(accum_steps=2, **{"model.bn_group_size": 4})
     for key in ("loss_main", "loss_sub", "grad_norm"):
         assert float(metrics[key]) == pytest.approx(float(full_metrics[key]), rel=1e-5), key
     for a, b in zip(jax.tree.leaves(accumulated["params"]), jax.tree.leaves(full["params"])):
@@ -242,7 +263,7 @@ def test_accumulation_with_batchnorm_groups_of_the_micro_batch_gives_the_full_ba
 # --------------------------------------------------------------------------------------------------
 # The trainer: configs/digits.py with a digits-sized ResNet (1 channel, 8 px, squares of 4 px).
 DIGITS_RESNET = {"model.family": "resnet", "model.variant": "mu", "model.drop_path": 0.0, "masksub.block_size": 4,
-                 "total_steps": 16, "checkpoint_every_steps": 4, "log_every_steps": 1, "eval_every_steps": 0,
+                 "total_steps": 12, "checkpoint_every_steps": 4, "log_every_steps": 1, "eval_every_steps": 0,
                  "optim.warmup_epochs": 0.0}
 
 
@@ -251,52 +272,54 @@ def _losses(workdir):
         return np.array([[m["loss_main"], m["loss_sub"]] for m in map(json.loads, f) if "loss" in m])
 
 
-@pytest.fixture(scope="module")
-def digits_reference(digits_dir, tmp_path_factory):
-    """The uninterrupted digits ResNet run on the 8 devices of this process (global BatchNorm statistics)."""
-    workdir = str(tmp_path_factory.mktemp("resnet_reference"))
-    assert train.run(digits_file_config(digits_dir, DIGITS_RESNET), workdir)["step"] == 16
-    return workdir
+def _converted_digits_weights(directory) -> str:
+    """timm-named weights of a digits-sized ResNet (1 channel) with running statistics that no fresh
+    model has, converted by the CLI as a user would; returns the converted directory."""
+    model = resnet.ResNet(num_classes=10, variant="mu", block_size=4)
+    variables = jax.device_get(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 8, 8, 1))))
+    rng = np.random.default_rng(0)
+    variables["batch_stats"] = jax.tree.map(lambda v: (v + 0.2 * np.abs(rng.standard_normal(v.shape))).astype(
+        np.float32), variables["batch_stats"])
+    np.savez(os.path.join(directory, "timm.npz"), **resnet.to_timm(variables))
+    convert.main([f"--from={os.path.join(directory, 'timm.npz')}", f"--to={os.path.join(directory, 'init')}",
+                  "--family=resnet", "--variant=mu"])
+    return os.path.join(directory, "init")
 
 
-def test_one_step_on_8_devices_equals_1_device_with_global_statistics():
-    """The trainer's shardings (batch over 8 devices): BatchNorm's statistics are those of the whole
-    batch (bn_group_size 0), as on one device. (Groups are computed on the batch as a whole too, the
-    same with any sharding: test_batchnorm_groups_... .)"""
-    mesh = sharding.make_mesh(1)
-    for group in (0,):
-        config = _step_config(**{"model.bn_group_size": group, **SMOOTH})
-        initial, batch, want, want_metrics = _one_step(config)
-        model = step_lib.make_model(config, 10)
-        tx, schedule = step_lib.make_optimizer(config, total_steps=10, steps_per_epoch=10)
-        state_sharding = sharding.state_sharding(initial, mesh)
-        step = jax.jit(step_lib.make_train_step(config, model, tx, schedule, 10),
-                       in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)))
-        got, metrics = step(jax.device_put(initial, state_sharding), batch, jax.random.PRNGKey(3))
-        assert len(got["batch_stats"]["bn1"]["mean"].sharding.device_set) == 8
-        assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(step_lib.variables(got)),
-                                jax.tree.leaves(step_lib.variables(want))):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"group {group} {jax.tree_util.keystr(path)}")
+def test_converted_weights_train_survive_kill_9_and_export_their_statistics(digits_dir, tmp_path, capsys):
+    """The user's story: timm weights in (running statistics too) -> init_from -> a digits ResNet run
+    on 8 devices that learns; the same run killed with SIGKILL and rerun ends bit-identical,
+    statistics included; the result goes back out in timm's names."""
+    overrides = {**DIGITS_RESNET, "init_from": _converted_digits_weights(str(tmp_path))}
+    reference = str(tmp_path / "reference")
+    assert train.run(digits_file_config(digits_dir, overrides), reference)["step"] == 12
+    assert f"Initialised the batch_stats and params from {overrides['init_from']}" in capsys.readouterr().out
+    losses_main = _losses(reference)[:, 0]
+    assert losses_main.shape == (12,) and losses_main[-4:].mean() < losses_main[:4].mean()  # it learns
 
-
-def test_kill_9_then_rerun_equals_the_uninterrupted_run_statistics_included(digits_reference, digits_dir, tmp_path):
-    losses_main = _losses(digits_reference)[:, 0]
-    assert losses_main.shape == (16,) and losses_main[-4:].mean() < losses_main[:4].mean()  # it learns
     workdir = str(tmp_path / "w")
-    proc = subprocess.Popen(digits_main_command(workdir, digits_dir, DIGITS_RESNET), cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(digits_main_command(workdir, digits_dir, overrides), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
-    wait_for_step(proc, 10)
+    wait_for_step(proc, 7)
+    deadline = time.monotonic() + 60
+    while not checkpoint.manager(workdir, read_only=True).all_steps() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the step-4 checkpoint is written in the background
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
-    done = subprocess.run(digits_main_command(workdir, digits_dir, DIGITS_RESNET), cwd=REPO, capture_output=True,
+    done = subprocess.run(digits_main_command(workdir, digits_dir, overrides), cwd=REPO, capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0 and "Resuming from the checkpoint of step" in done.stdout, done.stdout[-3000:]
-    want, got = checkpoint.load_variables(digits_reference), checkpoint.load_variables(workdir)
+    want, got = checkpoint.load_variables(reference), checkpoint.load_variables(workdir)
     assert sorted(got) == ["batch_stats", "params"]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
+
+    convert.main(["--to_timm", f"--from={workdir}", f"--to={tmp_path / 'out.npz'}", "--family=resnet"])
+    with np.load(tmp_path / "out.npz") as exported:
+        assert exported["fc.weight"].shape == (10, 256) and exported["conv1.weight"].shape == (8, 1, 7, 7)
+        np.testing.assert_array_equal(exported["layer4.0.bn3.running_var"],
+                                      got["batch_stats"]["layer4_0"]["bn3"]["var"])
+        assert int(exported["bn1.num_batches_tracked"]) == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,13 +346,17 @@ def test_shipped_configs_carry_the_official_rsb_command():
 
 
 def test_resnet50_config_runs_3_steps_on_synthetic_data_at_a_tiny_size(tmp_path):
-    c = _load("resnet50")
-    c.data.source, c.data.image_size, c.batch_size, c.eval_batch_size = "synthetic", 32, 8, 8
-    c.data.num_train_examples, c.data.num_eval_examples, c.model.bn_group_size = 16, 8, 4
-    c.masksub.block_size = 16  # 4 squares at 32 px
-    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 3, 1, 3
-    summary = train.run(c, str(tmp_path))
-    assert summary["step"] == 3 and summary["eval_examples"] == 8
+    """As a user tries a config without ImageNet: the command line, one device, 32 px."""
+    overrides = {"data.source": "synthetic", "data.image_size": 32, "batch_size": 8, "eval_batch_size": 8,
+                 "data.num_train_examples": 16, "data.num_eval_examples": 8, "model.bn_group_size": 4,
+                 "masksub.block_size": 16, "total_steps": 3, "log_every_steps": 1, "checkpoint_every_steps": 3}
+    command = [sys.executable, "-m", "masksub_jax.main", "--config=configs/resnet50.py", f"--workdir={tmp_path}",
+               *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Training ResNet-50 (23.53M params) with MaskSub mode=masking ratio=0.5 for 3 steps of 8" in done.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["eval_examples"] == 8
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -356,24 +383,20 @@ def test_missing_and_misshapen_weights_are_named(fx):
         resnet.from_timm(sd, variant=None)
 
 
-def test_convert_cli_and_init_from_carry_the_running_statistics(fx, tmp_path, capsys):
+def test_convert_cli_writes_parameters_and_running_statistics_and_init_from_fits_them(fx, tmp_path):
     np.savez(tmp_path / "tiny.npz", **_state_dict(fx, "tiny"))
     convert.main([f"--from={tmp_path / 'tiny.npz'}", f"--to={tmp_path / 'init'}", "--family=resnet",
                   "--variant=parity"])
     loaded = convert.read_variables(str(tmp_path / "init"))
     assert sorted(loaded) == ["batch_stats", "params"]
     np.testing.assert_array_equal(loaded["batch_stats"]["layer3_0"]["bn2"]["var"], fx["tiny/layer3.0.bn2.running_var"])
-
-    config = _step_config(init_from=str(tmp_path / "init"), total_steps=1, **{
-        "data.source": "synthetic", "data.num_train_examples": 8, "data.num_eval_examples": 8,
-        "eval_batch_size": 8})
-    assert train.run(config, str(tmp_path / "run"))["step"] == 1
-    out = capsys.readouterr().out
-    assert f"Initialised the batch_stats and params from {tmp_path / 'init'}" in out, out
-    # Export back to timm's names: the running statistics of the run, bit for bit.
-    convert.main(["--to_timm", f"--from={tmp_path / 'run'}", f"--to={tmp_path / 'out.npz'}", "--family=resnet"])
-    trained = checkpoint.load_variables(str(tmp_path / "run"))
-    with np.load(tmp_path / "out.npz") as exported:
-        assert exported["fc.weight"].shape == (10, 128)
-        np.testing.assert_array_equal(exported["bn1.running_mean"], trained["batch_stats"]["bn1"]["mean"])
-        assert set(exported.files) == set(_state_dict(fx, "tiny"))
+    # init_from into a model with another head: the head starts fresh, the statistics are the file's.
+    initial = jax.device_get(resnet.ResNet(num_classes=3, variant="parity").init(jax.random.PRNGKey(0),
+                                                                                 jnp.zeros((1, 32, 32, 3))))
+    said = []
+    adapted = convert.adapt_variables(loaded, initial, family="resnet", say=said.append)
+    np.testing.assert_array_equal(adapted["batch_stats"]["bn1"]["mean"], fx["tiny/bn1.running_mean"])
+    np.testing.assert_array_equal(adapted["params"]["head"]["kernel"], initial["params"]["head"]["kernel"])
+    assert any("head/kernel" in line for line in said)
+    with pytest.raises(weights.ConversionError, match=r"holds no \['batch_stats'\]"):
+        convert.adapt_variables({"params": loaded["params"]}, initial, family="resnet")

@@ -126,8 +126,11 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_pre
     assert "the checkpoint of step 30 is damaged" in out and "Resuming from the checkpoint of step 25" in out
     damage_line = next(line for line in out.splitlines() if "is damaged" in line)
     assert "<" not in damage_line and "0x" not in damage_line, damage_line  # no Orbax object reprs
-    if damage is flip_one_bit:  # restored without complaint by Orbax: only the checksums see it
-        assert "1 array(s) do not match the checksums" in damage_line, damage_line
+    if damage is flip_one_bit:  # restored without complaint by Orbax: only our checks see it
+        # Mostly the checksums; where the bit lands in a compressed block (Orbax groups arrays into
+        # data files differently from run to run) the decoded array can hold a NaN, found first.
+        assert ("1 array(s) do not match the checksums" in damage_line or "holds NaN or Inf" in damage_line), \
+            damage_line
     kept = glob.glob(os.path.join(workdir, "damaged_checkpoints", "30-*"))
     assert len(kept) == 1 and os.listdir(kept[0])  # moved aside, not deleted
     assert not os.path.exists(os.path.join(workdir, "PWNED"))

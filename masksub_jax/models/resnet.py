@@ -207,6 +207,30 @@ def num_units(config) -> int:
     return (config.data.image_size // config.masksub.block_size) ** 2
 
 
+def forward_flops(config, num_classes: int, kept_units: int | None = None) -> float:
+    """Conv and classifier FLOPs of one image's forward pass. Zeroed squares are still convolved:
+    `kept_units` costs nothing less."""
+    del kept_units
+    depths, stem_width, widths = parse_variant(config.model.variant)
+
+    def conv(size, k, stride, cin, cout):  # -> (FLOPs, output size), PyTorch's padding k // 2
+        out = (size + 2 * (k // 2) - k) // stride + 1
+        return 2 * out * out * k * k * cin * cout, out
+    flops, size = conv(config.data.image_size, 7, 2, len(config.data.mean), stem_width)
+    size = (size + 2 - 3) // 2 + 1  # max-pool
+    channels = stem_width
+    for i, (depth, width) in enumerate(zip(depths, widths)):
+        for j in range(depth):
+            stride = 2 if i > 0 and j == 0 else 1
+            f1, _ = conv(size, 1, 1, channels, width)
+            f2, out = conv(size, 3, stride, width, width)
+            f3, _ = conv(out, 1, 1, width, width * EXPANSION)
+            if j == 0 and (stride != 1 or channels != width * EXPANSION):
+                f3 += conv(size, 1, stride, channels, width * EXPANSION)[0]
+            flops, size, channels = flops + f1 + f2 + f3, out, width * EXPANSION
+    return flops + 2 * channels * num_classes
+
+
 # --------------------------------------------------------------------------------------------------
 # timm weights. Our names are timm's with "_" for ".": layer1_0/downsample_0/kernel is
 # layer1.0.downsample.0.weight; BatchNorm's scale/bias are weight/bias, its batch_stats mean/var are
