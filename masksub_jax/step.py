@@ -69,10 +69,8 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
     def forward(params, state, images, rng, **corruption):
         """Training-mode logits and the model state they updated (BatchNorm's running statistics)."""
         rngs = {"dropout": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1)}
-        if not state:
-            return model.apply({"params": params}, images, train=True, rngs=rngs, **corruption), state
         return model.apply({"params": params, **state}, images, train=True, rngs=rngs, mutable=list(state),
-                           **corruption)
+                           **corruption)  # a stateless model: mutable=[] gives (logits, {})
 
     def micro_batch_grads(params, state, images, targets, rng, index):
         """MaskSub gradient of micro-batch `index`: its examples get the dropout and drop-path masks
