@@ -147,7 +147,7 @@ class Checkpoints:
                 self._mngr.save(step, args=ocp.args.StandardSave(state), force=force,
                                 custom_metadata={"fingerprints": record})
                 self._pending = step
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             raise self._write_error(step, e) from None
 
     def wait(self) -> None:
@@ -155,7 +155,7 @@ class Checkpoints:
         step, self._pending = self._pending, None
         try:
             self._mngr.wait_until_finished()
-        except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises the background write's error)
+        except Exception as e:  # Orbax re-raises the background write's error
             raise self._write_error(step, e) from None
 
     def _write_error(self, step, cause) -> CheckpointWriteError:
@@ -169,7 +169,7 @@ class Checkpoints:
         try:
             self._mngr.reload()
             return [s for s in self.steps() if s != exclude]
-        except Exception:  # pylint: disable=broad-except  (only used to word an error)
+        except Exception:  # only used to word an error
             return []
 
     def restore_latest(self, abstract_state: dict, *, say=print) -> dict | None:
@@ -181,7 +181,7 @@ class Checkpoints:
         for step in reversed(self.steps()):
             try:
                 metadata = self._mngr.item_metadata(step)
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:
                 self._set_aside(step, f"its metadata cannot be read ({_in_brief(e)})", say)
                 continue
             if metadata is None:
@@ -191,7 +191,7 @@ class Checkpoints:
             try:
                 state = self._mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
                 problem = _implausible(state, step) or self._checksum_problem(step, state)
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:
                 problem = f"its arrays cannot be read ({_in_brief(e)})"
             if problem is None:
                 return state
@@ -229,7 +229,7 @@ class Checkpoints:
 
 def _in_brief(error: Exception) -> str:
     """An Orbax / TensorStore error's first line, without the object reprs some of them carry."""
-    first = (str(error).strip().splitlines() or [""])[0]
+    first = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
     first = " ".join(part for part in first.split() if not part.startswith("<") and "0x" not in part)
     return f"{type(error).__name__}: {first[:240]}"
 

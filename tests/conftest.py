@@ -1,5 +1,6 @@
 """Shared test set-up: 8 simulated CPU devices (set before jax is imported) and small configs."""
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -12,12 +13,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import contextlib  # pylint: disable=wrong-import-position
+import contextlib
 
-import pytest  # pylint: disable=wrong-import-position
+import pytest
 
-from masksub_jax import config as config_lib  # pylint: disable=wrong-import-position
-from masksub_jax.data import digits  # pylint: disable=wrong-import-position
+from masksub_jax import config as config_lib
+from masksub_jax.data import digits
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def digits_file_config(data_dir: str, overrides: dict):
     """configs/digits.py with `overrides` (dotted keys), as the command line would give it."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
+    import importlib.util
     spec = importlib.util.spec_from_file_location("digits_config", os.path.join(REPO, "configs", "digits.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -67,7 +68,7 @@ def digits_file_config(data_dir: str, overrides: dict):
 
 def digits_main_command(workdir: str, data_dir: str, overrides: dict) -> list[str]:
     """The command line that trains `digits_file_config(data_dir, overrides)` in a new process."""
-    import sys  # pylint: disable=import-outside-toplevel
+    import sys
     flags = [f"--config.{k}={v}" for k, v in {**overrides, "data.data_dir": data_dir}.items()]
     return [sys.executable, "-m", "masksub_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *flags]
 
@@ -89,7 +90,7 @@ def mock_imagenet(num_examples: int):
     TFDS 4.9.10's mock sets `__getitems__` on a MagicMock instance, where it is not bound as a
     method; here batches are read one example at a time instead.
     """
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds
     with pytest.MonkeyPatch.context() as patch, tfds.testing.mock_data(num_examples=num_examples):
         patch.setattr(tfds.core.data_sources.base.BaseDataSource, "__getitems__",
                       lambda self, keys: [self[k] for k in keys])
@@ -97,12 +98,36 @@ def mock_imagenet(num_examples: int):
 
 
 def flip_one_bit(step_dir: str) -> None:
-    """Flips one bit in the middle of a checkpoint's largest array file: damage that Orbax alone
-    restores silently, as wrong values (checked when the checksums were added)."""
-    import glob  # pylint: disable=import-outside-toplevel
+    """Flips one bit in the middle of a checkpoint's largest data file: bit rot as a disk makes it.
+    What Orbax then reads depends on where the bit lands (Orbax groups and compresses arrays
+    differently from run to run): an unreadable chunk, a NaN, or silently wrong values."""
+    import glob
     largest = max(glob.glob(os.path.join(step_dir, "default", "**", "d", "*"), recursive=True), key=os.path.getsize)
     with open(largest, "r+b") as f:
         f.seek(os.path.getsize(largest) // 2)
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte ^ 0x10]))
+
+
+def flip_one_bit_in_an_array(step_dir: str) -> None:
+    """Rewrites a checkpoint's arrays with one bit of the largest array flipped, keeping the step's
+    metadata (and so the checksums written with it): damage that only the checksums can see, always."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    item = os.path.join(step_dir, "default")
+    checkpointer = ocp.StandardCheckpointer()
+    shapes = checkpointer.metadata(item).item_metadata.tree
+    state = checkpointer.restore(item, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), shapes))
+    leaves, treedef = jax.tree.flatten(state)
+    largest = max(range(len(leaves)), key=lambda i: leaves[i].size)
+    x = leaves[largest]
+    bits = x.reshape(-1).view(f"uint{x.dtype.itemsize * 8}").copy()
+    bits[bits.size // 2] ^= 0x10
+    leaves[largest] = bits.view(x.dtype).reshape(x.shape)
+    rewritten = step_dir + ".rewritten"
+    checkpointer.save(rewritten, jax.tree.unflatten(treedef, leaves))
+    checkpointer.wait_until_finished()
+    shutil.rmtree(item)
+    os.rename(rewritten, item)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from masksub_jax import checkpoint, preemption, sharding, step as step_lib, train
-from tests.conftest import REPO, digits_file_config, digits_main_command, flip_one_bit, tiny_digits_config
+from masksub_jax import checkpoint, preemption, sharding, train
+from masksub_jax import step as step_lib
+from tests.conftest import REPO, digits_file_config, digits_main_command, flip_one_bit_in_an_array, tiny_digits_config
 
 # No warmup, so that 20 steps visibly learn.
 OVERRIDES = {"total_steps": 20, "log_every_steps": 1, "checkpoint_every_steps": 20, "eval_every_steps": 0,
@@ -36,7 +37,8 @@ def test_large_arrays_are_split_over_fsdp_and_small_ones_replicated():
     qkv = state["params"]["blocks_0"]["attn"]["qkv"]["kernel"]  # (192, 576): 576 is split
     assert qkv.sharding.spec == P(None, "fsdp") and qkv.addressable_shards[0].data.shape == (192, 288)
     moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
-               if ".mu" in jax.tree_util.keystr(path) and "['blocks_0']['mlp']['fc1']['kernel']" in jax.tree_util.keystr(path)]
+               if ".mu" in jax.tree_util.keystr(path)
+               and "['blocks_0']['mlp']['fc1']['kernel']" in jax.tree_util.keystr(path)]
     assert len(moments) == 1 and moments[0].addressable_shards[0].data.shape == (192, 384)  # (192, 768) split
     bias = state["params"]["blocks_0"]["attn"]["qkv"]["bias"]  # 576 elements: replicated
     assert bias.sharding.spec == P() and bias.addressable_shards[0].data.shape == (576,)
@@ -65,7 +67,7 @@ def test_fsdp_that_does_not_divide_the_devices_is_a_clear_error(digits_dir, tmp_
 
 
 def _free_port() -> int:
-    import socket  # pylint: disable=import-outside-toplevel
+    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -113,7 +115,7 @@ def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
     base = {**OVERRIDES, "log_every_steps": 2, "checkpoint_every_steps": 2}
     for run, total in enumerate((2, 4, 6, 8, 10)):
         if total == 8:
-            flip_one_bit(os.path.join(workdir, "checkpoints", "6"))
+            flip_one_bit_in_an_array(os.path.join(workdir, "checkpoints", "6"))
         procs = _start_two_processes(workdir, digits_dir, {**base, "total_steps": total})
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], f"run {run}:\n" + outputs[0][-2000:] + outputs[1][-2000:]
