@@ -37,14 +37,14 @@ from masksub_jax import allocator
 if __name__ == "__main__":
     allocator.reexec_with_tcmalloc()
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
-from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from masksub_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
-from masksub_jax import masksub, models  # noqa: E402  pylint: disable=wrong-import-position
-from masksub_jax import step as step_lib  # noqa: E402  pylint: disable=wrong-import-position
+from masksub_jax import config as config_lib  # noqa: E402
+from masksub_jax import masksub, models  # noqa: E402
+from masksub_jax import step as step_lib  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
                                 lock_config=True)
@@ -184,11 +184,13 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure_input(config, recipes, *, data_dir: str, rounds: int, generated_config: str = "imagenet_like") -> list[dict]:
+def measure_input(config, recipes, *, data_dir: str, rounds: int,
+                  generated_config: str = "imagenet_like") -> list[dict]:
     """Train-pipeline throughput of each recipe on generated JPEGs; one dict per recipe. The batches
     the pipeline prepares ahead are drawn before the clock starts, so `rounds` are made while timed."""
-    from masksub_jax.data import generated, tfds_source  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf
+
+    from masksub_jax.data import generated, tfds_source
     name = generated.prepare(generated_config, data_dir)
     results = []
     for recipe in recipes:
@@ -215,7 +217,8 @@ def measure_input(config, recipes, *, data_dir: str, rounds: int, generated_conf
 def format_input_table(results: list[dict], feed_rate: float = 2042.0) -> str:
     lines = [f"Train input pipeline at {results[0]['image_size']} px, batch {results[0]['batch']}, "
              f"{results[0]['data']}, {results[0]['cores_available']} cores available",
-             f"{'recipe':<24} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} {f'cores for {feed_rate:.0f} img/s':>22}"]
+             f"{'recipe':<24} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} "
+             f"{f'cores for {feed_rate:.0f} img/s':>22}"]
     for r in results:
         lines.append(f"{r['recipe']:<24} {r['images_per_s']:>8.1f} {r['cores_busy']:>10.2f} "
                      f"{r['images_per_s_per_core']:>10.1f} {feed_rate / r['images_per_s_per_core']:>22.1f}")
@@ -226,8 +229,9 @@ def measure_checkpoint(config, *, num_classes: int, rounds: int) -> dict:
     """Seconds to save (until on disk) and to restore the config's train state, and what the
     checksums (`checkpoint.fingerprints`) add to each: they are computed once per save and once
     per restore, on the devices."""
-    import tempfile  # pylint: disable=import-outside-toplevel
-    from masksub_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    import tempfile
+
+    from masksub_jax import checkpoint
     model = step_lib.make_model(config, num_classes)
     tx, _ = step_lib.make_optimizer(config, total_steps=100, steps_per_epoch=10)
     shape = (config.data.image_size, config.data.image_size, 3)

@@ -55,7 +55,8 @@ def base() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "vit"  # vit | swin | resnet | the import path of your own family (masksub_jax/models/__init__.py)
-    c.model.variant = "S/16"  # the family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4; ResNet 50, 101, 152
+    # The family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4; ResNet 50, 101, 152.
+    c.model.variant = "S/16"
     c.model.drop_path = 0.0  # ViT: every block's; Swin, ResNet: the last block's, rising linearly from 0
     c.model.dropout = 0.0
     c.model.layerscale_init = 1e-4  # ViT only; 0 = no LayerScale (MAE)
@@ -71,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
     c.masksub.mode = "masking"  # none | masking | dropout | droppath
     c.masksub.ratio = 0.5
     c.masksub.memory_lean = False  # main backward before sub forward: baseline-like peak memory
-    c.masksub.block_size = 32  # pixels: the square blocks that masking keeps or masks (Swin, ResNet); ViT masks its patches
+    c.masksub.block_size = 32  # pixels: the squares that masking keeps or masks (Swin, ResNet); ViT masks its patches
 
     c.loss = "bce"  # bce (binarised main targets, DeiT-III) | bce_soft (soft targets, RSB) | ce
     c.label_smoothing = 0.0
@@ -279,7 +280,7 @@ def validate(config, num_devices: int = 1) -> None:
     _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,
              "use 'fail' or 'skip'")
     if c.data.augment not in AUGMENT_RECIPES:
-        from masksub_jax.data import randaugment  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+        from masksub_jax.data import randaugment  # imports TensorFlow
         try:
             randaugment.parse(c.data.augment)
         except ValueError as e:

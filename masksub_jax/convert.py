@@ -31,14 +31,14 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"No weight file at {path}.")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+        from safetensors.numpy import load_file
         return load_file(path)
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     if suffix in (".pth", ".pt", ".bin"):
         try:
-            import torch  # pylint: disable=import-outside-toplevel
+            import torch
         except ImportError:
             raise ConversionError(f"{path} is a PyTorch file and torch is not installed; install torch, or "
                                   "convert the file to .safetensors where torch is.") from None
@@ -54,8 +54,9 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 def save_variables(variables: dict, directory: str) -> None:
     """Writes a model's variables ({"params": ..., and e.g. "batch_stats": ...}) as the Orbax
     checkpoint that `config.init_from` reads."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    from masksub_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp
+
+    from masksub_jax import workdir as workdir_lib
     ocp.PyTreeCheckpointer().save(str(workdir_lib.path(directory)), variables)
 
 
@@ -82,12 +83,13 @@ def read_params(path: str) -> dict:
 def read_variables(path: str) -> dict:
     """The variables that `config.init_from` names: a directory written by this module's CLI, or a
     training workdir (its newest checkpoint). {"params": ..., and e.g. "batch_stats": ...}, NumPy arrays."""
-    from masksub_jax import checkpoint, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from masksub_jax import checkpoint
+    from masksub_jax import workdir as workdir_lib
     if (workdir_lib.path(path) / "checkpoints").exists():
         return checkpoint.load_variables(path)
     try:
         return checkpoint.variables_from(str(workdir_lib.path(path)))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         raise FileNotFoundError(
             f"config.init_from={path!r} is neither a training workdir nor weights written by "
             f"`python -m masksub_jax.convert` ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
@@ -139,7 +141,7 @@ def export_timm(source: str, target: str, family: str) -> int:
         raise ConversionError(f"model family {family!r} has no timm mapping (to_timm).")
     state_dict = family_module.to_timm(_timm_input(family_module, read_variables(source)))
     if target.endswith(".safetensors"):
-        from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+        from safetensors.numpy import save_file
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, target)
     elif target.endswith(".npz"):
         np.savez(target, **state_dict)
@@ -149,7 +151,7 @@ def export_timm(source: str, target: str, family: str) -> int:
 
 
 def main(argv=None) -> None:
-    import argparse  # pylint: disable=import-outside-toplevel
+    import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="source", required=True,
                         help="a .safetensors, .npz or .pth file; with --to_timm, a workdir or converted directory")

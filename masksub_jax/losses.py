@@ -7,7 +7,8 @@ bce_soft: timm's BinaryCrossEntropy as the RSB recipe runs it: the same loss, th
 ce:  soft-target cross-entropy (timm's SoftTargetCrossEntropy); the sub-branch learns the softmax
      of the main logits.
 """
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

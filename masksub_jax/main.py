@@ -24,13 +24,13 @@ allocator.reexec_with_tcmalloc()  # before anything allocates; a no-op where the
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only our input pipeline
 preemption.stop_on_sigterm()  # before anything slow: a scheduler's SIGTERM during start-up still means 75
 
-import logging as std_logging  # pylint: disable=wrong-import-position
-import signal  # pylint: disable=wrong-import-position
-import threading  # pylint: disable=wrong-import-position
-import traceback  # pylint: disable=wrong-import-position
+import logging as std_logging  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
 
-from absl import app, flags, logging  # pylint: disable=wrong-import-position
-from ml_collections import config_flags  # pylint: disable=wrong-import-position
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 # Unlocked, so that a mistyped key reaches config.validate, which names it and the closest known one.
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b.py[:epochs=800].",
@@ -53,7 +53,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     # JAX and TensorFlow load here, after the SIGTERM handler is in place.
-    from masksub_jax import sharding, train  # pylint: disable=import-outside-toplevel
+    from masksub_jax import sharding, train
     _divert_library_errors(f.workdir)
     try:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, cluster=f.cluster)
@@ -67,7 +67,7 @@ def main(argv):
         print("Interrupted (Ctrl-C); any checkpoint write in flight was finished first. Rerun the same command "
               "to resume from the newest checkpoint.", flush=True)
         _exit_now(preemption.EXIT_INTERRUPTED, sharding)
-    except Exception as e:  # pylint: disable=broad-except  (every error ends in one readable line)
+    except Exception as e:  # every error ends in one readable line
         sharding.await_lost_peer(e)
         _report(e, f.workdir, f.verbose, sharding.process_label())
         _exit_now(1, sharding)
@@ -101,7 +101,7 @@ def _exit_now(status: int, sharding) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if sharding.several_processes():
-        os._exit(status)  # pylint: disable=protected-access
+        os._exit(status)
     sys.exit(status)
 
 
@@ -119,9 +119,10 @@ def _report(error: Exception, workdir: str, verbose: bool, process: str) -> None
 def _append_error_log(workdir: str, process: str, trace: str) -> str | None:
     """WORKDIR/errors.log where the workdir exists (a failed first start creates none), else one in
     the temporary directory."""
-    import tempfile  # pylint: disable=import-outside-toplevel
-    import time  # pylint: disable=import-outside-toplevel
-    from masksub_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    import tempfile
+    import time
+
+    from masksub_jax import workdir as workdir_lib
     try:
         folder = workdir_lib.path(workdir)
         log = folder / "errors.log" if folder.exists() else (
@@ -129,7 +130,7 @@ def _append_error_log(workdir: str, process: str, trace: str) -> str | None:
         old = log.read_text() if log.exists() else ""
         workdir_lib.write_text(log, f"{old}--- {time.strftime('%Y-%m-%d %H:%M:%S')}{process}\n{trace}")
         return str(log)
-    except Exception:  # pylint: disable=broad-except  (an unwritable workdir may be the error itself)
+    except Exception:  # an unwritable workdir may be the error itself
         return None
 
 
@@ -137,13 +138,13 @@ def parse_flags(argv):
     """absl's flag parsing; a bad flag or config ends the process with one line (exit 1)."""
     try:
         return flags.FLAGS(argv)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
 def _flag_error_message(error: Exception, argv) -> str:
-    from masksub_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from masksub_jax import config as config_lib
     known = dict(config_lib.flatten(config_lib.base()))
     for arg in argv[1:]:
         key = arg[len("--config."):].partition("=")[0] if arg.startswith("--config.") else None

@@ -6,7 +6,7 @@ This module knows no model. A model's forward takes the corruption as keyword ar
 tokens, Swin's blocks of pixels, ResNet's squares of pixels). A model with state that training
 updates (ResNet's BatchNorm statistics) gets it from the main branch, then from the sub-branch.
 """
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

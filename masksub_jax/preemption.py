@@ -2,10 +2,10 @@
 
 SIGTERM (what Kubernetes, SLURM, spot VMs and `kill` send): during start-up (imports, restore,
 compilation) or the final evaluation the process stops at once, as there is nothing new to save;
-during training it finishes the step, saves a checkpoint and stops. Either way the exit status is 75, so that a scheduler that
-requeues on 75 always requeues. Several processes (TPU pods, multi-node GPU): JAX's preemption
-service, through Orbax, tells every process at the same step, which the processes must agree on to
-save one consistent checkpoint.
+during training it finishes the step, saves a checkpoint and stops. Either way the exit status is
+75, so that a scheduler that requeues on 75 always requeues. Several processes (TPU pods,
+multi-node GPU): JAX's preemption service, through Orbax, tells every process at the same step,
+which the processes must agree on to save one consistent checkpoint.
 
 Ctrl-C (SIGINT) stops at once; the checkpoint write in flight is finished first (exit 130).
 While a checkpoint write is being started or finished, signals are announced and take effect after.
@@ -42,14 +42,14 @@ class Preempted(Exception):
         self.step = step
 
 
-def _on_sigterm(signum, frame):  # pylint: disable=unused-argument
+def _on_sigterm(signum, frame):
     if not _training["active"]:
         # Nothing is being written (checkpoint writes finish inside the training loop or under
         # `signals_deferred`), so leave at once. Raising instead would be lost wherever the handler
         # happens to run inside a callback (Python ignores exceptions of GC callbacks).
         print(Preempted(None), flush=True)
         sys.stderr.flush()
-        os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
+        os._exit(EXIT_PREEMPTED)
     if _training["requested"]:
         print("SIGTERM again: already stopping after this step; ignored.", flush=True)
         return
@@ -76,7 +76,7 @@ def signals_deferred(reason: str):
     # Python's sight): replacing its handler here, even for a moment, would lose every later notice.
     deferred = (signal.SIGINT,) if _jax_handles_sigterm() else (signal.SIGINT, signal.SIGTERM)
 
-    def defer(signum, frame):  # pylint: disable=unused-argument
+    def defer(signum, frame):
         if signum not in arrived:
             print(f"{signal.Signals(signum).name}: {reason}; it takes effect after that.", flush=True)
             arrived.append(signum)

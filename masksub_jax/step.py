@@ -104,7 +104,8 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
 
     def train_step(state, batch, rng):
         rng_mix, rng_loss = jax.random.split(rng)
-        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]), config.data.random_erasing)
+        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]),
+                                        config.data.random_erasing)
         images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
                                      label_smoothing=config.label_smoothing, **config.mixup.to_dict())
         (total, aux), grads = accumulated_grads(state["params"], model_state(state), images, targets, rng_loss)

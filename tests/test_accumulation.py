@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from masksub_jax import step as step_lib, train
+from masksub_jax import step as step_lib
+from masksub_jax import train
 from tests.conftest import tiny_digits_config
 
 

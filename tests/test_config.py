@@ -28,7 +28,8 @@ def test_shipped_imagenet_configs_carry_the_400_epoch_recipe(name, variant, size
     config_lib.validate(c, num_devices=8)
     assert (c.model.variant, c.data.image_size, c.optim.lr) == (variant, size, lr)
     assert (c.optim.weight_decay, c.model.drop_path, c.total_epochs) == (wd, drop_path, 400)
-    assert (c.optim.name, c.loss, c.batch_size, c.masksub.mode, c.masksub.ratio) == ("lamb", "bce", 2048, "masking", 0.5)
+    assert (c.optim.name, c.loss, c.batch_size, c.masksub.mode, c.masksub.ratio) == \
+        ("lamb", "bce", 2048, "masking", 0.5)
     assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.data.crop_ratio) == (0.8, 1.0, 1.0)
 
 

@@ -72,7 +72,8 @@ def _config(data_dir, **overrides):
 
 def test_corrupt_image_fails_the_run_naming_its_index(jpeg_dir, tmp_path):
     with pytest.raises(pipeline.CorruptImageError,
-                       match=rf"cannot be decoded\) in example\(s\) {_corrupt_index(jpeg_dir, 'train')} of split 'train'.*skip"):
+                       match=rf"cannot be decoded\) in example\(s\) {_corrupt_index(jpeg_dir, 'train')} "
+                             r"of split 'train'.*skip"):
         train.run(_config(jpeg_dir), str(tmp_path))
 
 
@@ -81,13 +82,14 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(jpeg_dir, tmp_path, c
     assert summary["step"] == 4
     assert summary["eval_examples"] == NUM_EXAMPLES - 1  # every good example evaluated once
     err = capfd.readouterr().err
-    assert f"example(s) {_corrupt_index(jpeg_dir, 'validation')} of split 'validation' of 'corrupt_jpegs' - skipped" in err
+    index = _corrupt_index(jpeg_dir, 'validation')
+    assert f"example(s) {index} of split 'validation' of 'corrupt_jpegs' - skipped" in err
     assert f"example(s) {_corrupt_index(jpeg_dir, 'train')} of split 'train' of 'corrupt_jpegs' - skipped" in err
 
 
 def test_good_examples_all_arrive_in_order_with_their_labels(jpeg_dir):
     """The per-example error check keeps every good example, once, in the split's order."""
-    from masksub_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+    from masksub_jax.data import tfds_source
     source = tfds_source.TfdsSource(_config(jpeg_dir, **{"data.on_corrupt_image": "skip"}))
     labels = np.concatenate([b["label"][b["mask"] > 0] for b in source.eval_batches()])
     np.testing.assert_array_equal(labels, _split_by_decodability(jpeg_dir, "validation")[1])

@@ -5,7 +5,8 @@ import types
 
 import pytest
 
-from masksub_jax import bench, config as config_lib, convert, models, train
+from masksub_jax import bench, convert, models, train
+from masksub_jax import config as config_lib
 from tests.conftest import tiny_digits_config
 
 

@@ -189,7 +189,7 @@ def test_corrupt_examples_in_training_are_replaced_within_their_batch(jpeg_dir, 
     source = _source(jpeg_dir, **{"data.on_corrupt_image": "skip"})
     clean = _take(source.train_batches(), 2)
     broken = int(_indices(source, 0)[0])
-    original = tfds_source._read  # pylint: disable=protected-access
+    original = tfds_source._read
 
     features = tfds.builder("generated_jpegs/tiny", data_dir=jpeg_dir).info.features
 
@@ -217,7 +217,7 @@ def test_the_pipeline_reads_a_bounded_number_of_batches_ahead(jpeg_dir):
     """No cache and no shuffle buffer: having handed out k batches, the pipeline has read at most a
     few batches more, and stops there until more are taken."""
     reads = []
-    original = tfds_source._read  # pylint: disable=protected-access
+    original = tfds_source._read
 
     def counting(records, index):
         reads.append(len(index))

@@ -76,10 +76,10 @@ def test_fused_gradient_equals_half_main_plus_half_sub_with_fixed_teacher(loss_n
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     # The teacher really is held fixed: its gradient path would change the result.
+    probabilities = jax.nn.sigmoid if loss_name == "bce" else jax.nn.softmax
     _, grad_through_teacher = jax.value_and_grad(
         lambda p: 0.5 * loss.fn(forward(p, images, rng_main), main_target)
-        + 0.5 * loss.fn(forward(p, images, rng_sub, **corrupt),
-                        (jax.nn.sigmoid if loss_name == "bce" else jax.nn.softmax)(forward(p, images, rng_main))))(params)
+        + 0.5 * loss.fn(forward(p, images, rng_sub, **corrupt), probabilities(forward(p, images, rng_main))))(params)
     assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in
                    zip(jax.tree.leaves(grads), jax.tree.leaves(grad_through_teacher)))
 
@@ -89,7 +89,8 @@ def test_plain_recipe_has_no_sub_branch(mode, ratio):
     forward, params, images, targets = _setup()
     loss = losses.LOSSES["ce"]
     rng = jax.random.PRNGKey(7)
-    total, aux = masksub.loss_fn(params, {}, _stateless(forward), images, targets, rng, loss=loss, mode=mode, ratio=ratio,
+    total, aux = masksub.loss_fn(params, {}, _stateless(forward), images, targets, rng, loss=loss, mode=mode,
+                                 ratio=ratio,
                                  num_units=16)
     rng_main = jax.random.split(rng, 3)[0]
     np.testing.assert_allclose(total, loss.fn(forward(params, images, rng_main), targets), rtol=1e-6)

@@ -1,6 +1,5 @@
 """LAMB and AdamW against a direct NumPy restatement of the official update rule, and the schedule."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -128,7 +128,7 @@ def test_missing_extra_and_misshapen_keys_are_named(fx):
 
 
 def test_weight_files_load_without_pickles(fx, tmp_path):
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
     sd = _state_dict(fx, "deit3")
     save_file(sd, str(tmp_path / "w.safetensors"))
     np.savez(tmp_path / "w.npz", **sd)
@@ -145,14 +145,16 @@ def test_weight_files_load_without_pickles(fx, tmp_path):
 
 def test_convert_cli_then_init_from_in_the_trainer(fx, tmp_path):
     """timm weights -> `python -m masksub_jax.convert` -> config.init_from: the run starts from them."""
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    from masksub_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
-    from tests.conftest import tiny_digits_config  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
+
+    from masksub_jax import checkpoint, train
+    from tests.conftest import tiny_digits_config
     sd = _state_dict(fx, "deit3")
     save_file(sd, str(tmp_path / "deit3.safetensors"))
     convert.main([f"--from={tmp_path / 'deit3.safetensors'}", f"--to={tmp_path / 'init'}", "--variant=parity/4",
                   "--image_size=24"])
-    config = tiny_digits_config("/unused", total_steps=1, log_every_steps=1, checkpoint_every_steps=1, init_from=str(tmp_path / "init"),
+    config = tiny_digits_config("/unused", total_steps=1, log_every_steps=1, checkpoint_every_steps=1,
+                                init_from=str(tmp_path / "init"),
                                 **{"data.source": "synthetic", "data.image_size": 24, "data.mean": (0.5,) * 3,
                                    "data.std": (0.5,) * 3, "model.variant": "parity/4", "optim.lr": 1e-12,
                                    "optim.min_lr": 0.0, "optim.warmup_init_lr": 0.0, "data.num_classes": 7})
@@ -166,6 +168,7 @@ def test_convert_cli_then_init_from_in_the_trainer(fx, tmp_path):
 
 def test_init_from_another_model_is_a_clear_error(fx, tmp_path):
     params = vit.from_timm(_state_dict(fx, "deit3"), variant="parity/4", image_size=16)
-    initial = jax.device_get(vit.ViT(num_classes=10, variant="mu/4").init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"])
+    model = vit.ViT(num_classes=10, variant="mu/4")
+    initial = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"])
     with pytest.raises(convert.ConversionError, match="does not fit the configured model.*blocks_0/attn/qkv/kernel"):
         convert.adapt_params(params, initial)

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from masksub_jax import checkpoint, convert, losses, masksub, sharding, train
 from masksub_jax import config as config_lib
-from masksub_jax import convert, losses, masksub, sharding, train
 from masksub_jax import step as step_lib
 from masksub_jax.models import layers, resnet, weights
-from masksub_jax import checkpoint
 from tests.conftest import REPO, digits_file_config, digits_main_command, tiny_digits_config, wait_for_step
 from tests.seeded import seeded_batchnorm_weights
 
@@ -187,7 +186,7 @@ def _model_and_optimizer(config):
     return model, tx, schedule
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(overrides: tuple, mesh=None):
     """(init, train_step) of `_step_config(**dict(overrides))`, jitted once; with a mesh, the
     train step as the trainer compiles it (shardings, donated state)."""
@@ -352,7 +351,8 @@ def test_resnet50_config_runs_3_steps_on_synthetic_data_at_a_tiny_size(tmp_path)
                  "masksub.block_size": 16, "total_steps": 3, "log_every_steps": 1, "checkpoint_every_steps": 3}
     command = [sys.executable, "-m", "masksub_jax.main", "--config=configs/resnet50.py", f"--workdir={tmp_path}",
                *[f"--config.{k}={v}" for k, v in overrides.items()]]
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    one_device = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run(command, cwd=REPO, env=one_device,
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Training ResNet-50 (23.53M params) with MaskSub mode=masking ratio=0.5 for 3 steps of 8" in done.stdout

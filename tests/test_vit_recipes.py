@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from masksub_jax import config as config_lib
 from masksub_jax import checkpoint, convert, optim, train
+from masksub_jax import config as config_lib
 from masksub_jax.models import vit, weights
 from tests.conftest import REPO, tiny_digits_config
 
@@ -140,7 +140,8 @@ def test_mae_pretraining_weights_start_the_global_pool_fine_tune(mae, tmp_path):
     said = []
     params = convert.adapt_params(loaded, initial, say=said.append)
     np.testing.assert_array_equal(params["fc_norm"]["scale"], initial["fc_norm"]["scale"])
-    np.testing.assert_array_equal(params["blocks_1"]["attn"]["qkv"]["kernel"], loaded["blocks_1"]["attn"]["qkv"]["kernel"])
+    np.testing.assert_array_equal(params["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  loaded["blocks_1"]["attn"]["qkv"]["kernel"])
     assert "norm" not in params and any("fc_norm starts fresh" in line for line in said)
     # Into a DeiT-III-style model (LayerScale, cls-token pool), the same weights get gammas of 1.
     token_model = vit.ViT(num_classes=10, variant="parity/4", layerscale_init=0.1)
@@ -181,7 +182,8 @@ def test_224_fine_tune_configs_carry_the_recipe(name, variant, drop_path):
     config_lib.validate(c, num_devices=8)
     assert (c.model.variant, c.model.drop_path, c.data.image_size, c.total_epochs, c.batch_size) == \
         (variant, drop_path, 224, 20, 512)
-    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.loss, c.label_smoothing) == ("adamw", 1e-5, 0.1, "ce", 0.1)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.loss, c.label_smoothing) == \
+        ("adamw", 1e-5, 0.1, "ce", 0.1)
     assert (c.data.augment, c.data.repeated_aug, c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.masksub.mode) == \
         ("rand-m9-mstd0.5-inc1", 1, 0.8, 1.0, "masking")
 

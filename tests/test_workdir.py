@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from masksub_jax import train, workdir as workdir_lib
+from masksub_jax import train
+from masksub_jax import workdir as workdir_lib
 from tests.conftest import REPO, digits_main_command, tiny_digits_config
 
 
@@ -44,7 +45,8 @@ def test_a_finished_run_refuses_changed_training_keys_and_keeps_its_config(finis
     before = _read(workdir, "config.json")
     changed = config.copy_and_resolve_references()
     changed.optim.lr, changed.masksub.ratio = 1e-4, 0.25
-    with pytest.raises(workdir_lib.WorkdirError, match=r"finished.*masksub.ratio, optim.lr \(masksub.ratio: 0.5 -> 0.25"):
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=r"finished.*masksub.ratio, optim.lr \(masksub.ratio: 0.5 -> 0.25"):
         train.run(changed, workdir)
     harmless = config.copy_and_resolve_references()
     harmless.log_every_steps = 7

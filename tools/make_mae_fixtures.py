@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import torch
-
 from timm.models.vision_transformer import VisionTransformer
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "mae_parity.npz")

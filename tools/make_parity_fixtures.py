@@ -22,7 +22,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lamb

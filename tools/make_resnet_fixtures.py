@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from tests.seeded import seeded_batchnorm_weights  # noqa: E402  pylint: disable=wrong-import-position  (NumPy only)
+from tests.seeded import seeded_batchnorm_weights  # noqa: E402  (NumPy only)
 
 OUT = os.path.join(REPO, "tests", "fixtures", "resnet_parity.npz")
 BATCH, SIZE, BLOCK, KEEP = 4, 32, 16, 2
@@ -48,7 +48,7 @@ def import_timm():
             library.define(schema)
         except RuntimeError:
             pass  # this torchvision defines it
-    import timm  # pylint: disable=import-outside-toplevel
+    import timm
     import_timm.library = library
     return timm
 
@@ -121,7 +121,7 @@ def main():
         return
 
     timm = import_timm()
-    from timm.models.resnet import Bottleneck, ResNet  # pylint: disable=import-outside-toplevel
+    from timm.models.resnet import Bottleneck, ResNet
     generator = torch.Generator().manual_seed(0)
     tiny = randomised(ResNet(Bottleneck, (1, 1, 1, 1), channels=(4, 8, 16, 32), num_classes=10),
                       generator)

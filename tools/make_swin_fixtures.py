@@ -28,12 +28,11 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from timm.models.swin_transformer import SwinTransformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from tests.seeded import seeded_weights  # noqa: E402  pylint: disable=wrong-import-position  (NumPy only)
+from tests.seeded import seeded_weights  # noqa: E402  (NumPy only)
 
 OUT = os.path.join(REPO, "tests", "fixtures", "swin_parity.npz")
 TINY = dict(img_size=32, patch_size=4, embed_dim=24, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=10)
@@ -81,7 +80,7 @@ def seeded_image(size: int) -> torch.Tensor:
 
 
 def check_export(path: str, variant: str) -> None:
-    import timm  # pylint: disable=import-outside-toplevel
+    import timm
     with np.load(path) as data:
         sd = {k: torch.from_numpy(data[k]) for k in data.files}
     model = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=sd["head.fc.weight"].shape[0])
@@ -118,7 +117,7 @@ def main():
     out["loss_main"], out["loss_sub"] = np.float32(loss_main), np.float32(loss_sub)
     out.update({f"grads/{k}": v.numpy() for k, v in grads.items()})
 
-    import timm  # pylint: disable=import-outside-toplevel
+    import timm
     swin_t = timm.create_model(TIMM_NAMES["T/4"], pretrained=False).eval()
     shapes = {k: tuple(v.shape) for k, v in swin_t.state_dict().items()}
     swin_t.load_state_dict({k: torch.from_numpy(v) for k, v in seeded_weights(shapes).items()}, strict=True)

@@ -20,14 +20,13 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import timm  # noqa: E402
+import torch  # noqa: E402
 from timm.optim import Lamb  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from masksub_jax import bench  # noqa: E402  pylint: disable=wrong-import-position
-from masksub_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from masksub_jax import bench  # noqa: E402
+from masksub_jax import config as config_lib  # noqa: E402
 
 TIMM_NAMES = {"S/16": "deit3_small_patch16_224", "B/16": "deit3_base_patch16_224",
               "L/16": "deit3_large_patch16_224", "H/14": "deit3_huge_patch14_224"}

@@ -28,7 +28,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(test=False), "test": self._generate_examples(test=True)}
 
     def _generate_examples(self, test: bool):
-        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+        from sklearn.datasets import load_digits
         digits = load_digits()
         images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
         for index, (image, label) in enumerate(zip(images, digits.target)):

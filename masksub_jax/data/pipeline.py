@@ -16,7 +16,7 @@ example counts exactly once.
 import collections
 import itertools
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -115,11 +115,11 @@ def make(config, process_index: int = 0, process_count: int = 1):
         if arrays[0][0].shape[1] != d.image_size:
             raise ValueError(f"data.image_size={d.image_size} but the digits images are 8x8; set 8.")
         return ArraySource(*arrays, num_classes=10, **common)
-    from masksub_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+    from masksub_jax.data import tfds_source
     return tfds_source.TfdsSource(config, process_index=process_index, process_count=process_count)
 
 
 def _as_arrays(builder, split):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     return data["image"], data["label"].astype(np.int32)

@@ -13,7 +13,7 @@ from absl import app, flags
 
 def prepare(name: str, data_dir: str | None, num_workers: int = 8) -> str:
     """Makes `name` readable by index in `data_dir`; returns what it did."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds
     array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -22,13 +22,14 @@ def prepare(name: str, data_dir: str | None, num_workers: int = 8) -> str:
     if array_record in (builder.info.file_format, *builder.info.alternative_file_formats):
         return f"{name} in {builder.data_dir} is already readable by index (array_record). Nothing to do."
     try:
-        from tensorflow_datasets.scripts.cli import convert_format_utils  # pylint: disable=import-outside-toplevel
+        from tensorflow_datasets.scripts.cli import convert_format_utils
     except ImportError as e:
         raise SystemExit(f"Converting {builder.data_dir} needs TFDS's converter, which failed to import ({e}). "
                          "Run `pip install apache-beam` and try again.") from None
     convert_format_utils.convert_dataset(out_dir=None, out_file_format=array_record,
                                          dataset_version_dir=str(builder.data_dir), num_workers=num_workers)
-    return f"Wrote an array_record copy of {name} next to its {builder.info.file_format.value} files in {builder.data_dir}."
+    return (f"Wrote an array_record copy of {name} next to its {builder.info.file_format.value} files in "
+            f"{builder.data_dir}.")
 
 
 def main(argv):

@@ -26,7 +26,7 @@ Random access needs the data set in TFDS's array_record format; see `prepare_com
 import functools
 import math
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -174,7 +174,8 @@ class TfdsSource:
         image[done["slot"]], label[done["slot"]], ok[done["slot"]] = done["image"], done["label"], True
         bad = np.flatnonzero(~ok[:len(index)])
         if bad.size:
-            where = f"example(s) {', '.join(map(str, np.unique(index[bad])))} of split {split!r} of {self.config.data.name!r}"
+            examples = ", ".join(map(str, np.unique(index[bad])))
+            where = f"example(s) {examples} of split {split!r} of {self.config.data.name!r}"
             no_donor = train and bad.size == len(index)
             if self.config.data.on_corrupt_image == "fail" or no_donor:
                 raise CorruptImageError(

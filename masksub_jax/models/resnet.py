@@ -21,7 +21,7 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
   The official ResNet code has no dropout sub-branch, and this model none either.
 """
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -130,8 +130,8 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False, keep_idx: Optional[jax.Array] = None,
-                 dropout_rate: Optional[float] = None, drop_path_rate: Optional[float] = None, first_example=0):
+    def __call__(self, images, *, train: bool = False, keep_idx: jax.Array | None = None,
+                 dropout_rate: float | None = None, drop_path_rate: float | None = None, first_example=0):
         if dropout_rate is not None:
             raise ValueError("ResNet has no dropout sub-branch; use masksub.mode=masking or droppath.")
         depths, stem_width, widths = parse_variant(self.variant)
@@ -277,7 +277,8 @@ def _timm_name(ours: str) -> str:
     return f"{_timm_module('/'.join(path)).replace('/', '.')}.{_LEAF_TO_TIMM[leaf]}"
 
 
-def from_timm(state_dict, *, variant: str | None, image_size: int | None = None, num_classes: int | None = None) -> dict:
+def from_timm(state_dict, *, variant: str | None, image_size: int | None = None,
+              num_classes: int | None = None) -> dict:
     """A timm ResNet state dict (e.g. resnet50.a2_in1k, or the official augsub checkpoints) as our
     variables {"params": ..., "batch_stats": ...}. The head is left out when its class count differs
     from `num_classes`. Raises ConversionError naming missing, unexpected and misshapen keys."""

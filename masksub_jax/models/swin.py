@@ -14,7 +14,7 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
   dropout:   `dropout_rate` replaces the dropout of the attention projection and both MLP layers.
   droppath:  `drop_path_rate` replaces the drop-path rate of every block (constant over depth).
 """
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -104,7 +104,7 @@ class WindowAttention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, windows, mask: Optional[np.ndarray]):
+    def __call__(self, windows, mask: np.ndarray | None):
         batch, num_windows, tokens, width = windows.shape
         head_dim = width // self.num_heads
         qkv = nn.Dense(3 * width, kernel_init=dense_init, dtype=self.dtype, name="qkv")(windows)
@@ -137,7 +137,8 @@ class Block(nn.Module):
         if self.shift:
             y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
         mask = shifted_window_mask(h, self.window, self.shift) if self.shift else None
-        y = WindowAttention(self.num_heads, self.window, self.dtype, name="attn")(window_partition(y, self.window), mask)
+        attention = WindowAttention(self.num_heads, self.window, self.dtype, name="attn")
+        y = attention(window_partition(y, self.window), mask)
         y = window_reverse(y, self.window, h, w)
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
@@ -186,8 +187,8 @@ class Swin(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False, keep_idx: Optional[jax.Array] = None,
-                 dropout_rate: Optional[float] = None, drop_path_rate: Optional[float] = None, first_example=0):
+    def __call__(self, images, *, train: bool = False, keep_idx: jax.Array | None = None,
+                 dropout_rate: float | None = None, drop_path_rate: float | None = None, first_example=0):
         width, depths, heads, _, patch = parse_variant(self.variant)
         if images.shape[1] != images.shape[2]:
             raise ValueError(f"Swin takes square images, not {images.shape[1:3]}.")
@@ -292,7 +293,8 @@ def _expected_shapes(variant: str, image_size: int, channels: int, num_classes: 
     for i, ((_, window, _), depth) in enumerate(zip(stage_geometry(variant, image_size), depths)):
         dim = width * 2 ** i
         if i > 0:
-            shapes.update({f"layers_{i}_downsample/norm/scale": (2 * dim,), f"layers_{i}_downsample/norm/bias": (2 * dim,),
+            shapes.update({f"layers_{i}_downsample/norm/scale": (2 * dim,),
+                           f"layers_{i}_downsample/norm/bias": (2 * dim,),
                            f"layers_{i}_downsample/reduction/kernel": (2 * dim, dim)})
         for j in range(depth):
             block = {"norm1/scale": (dim,), "norm1/bias": (dim,), "norm2/scale": (dim,), "norm2/bias": (dim,),

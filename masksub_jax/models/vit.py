@@ -16,7 +16,7 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
 per example from it, so a batch split into micro-batches draws what the whole batch would.
 """
 import re
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -143,8 +143,8 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False, keep_idx: Optional[jax.Array] = None,
-                 dropout_rate: Optional[float] = None, drop_path_rate: Optional[float] = None, first_example=0):
+    def __call__(self, images, *, train: bool = False, keep_idx: jax.Array | None = None,
+                 dropout_rate: float | None = None, drop_path_rate: float | None = None, first_example=0):
         width, depth, heads, patch = parse_variant(self.variant)
         if images.shape[1] % patch or images.shape[2] % patch:
             raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch} "
@@ -365,7 +365,8 @@ def from_timm(state_dict, *, variant: str | None = None, image_size: int | None 
 def _expected_shapes(width, depth, patch, channels, num_classes, grid) -> dict[str, tuple]:
     shapes = {"patch_embed/kernel": (patch, patch, channels, width), "patch_embed/bias": (width,),
               "cls_token": (1, 1, width), "pos_embed": (1, grid * grid, width), "norm/scale": (width,),
-              "norm/bias": (width,), "fc_norm/scale": (width,), "fc_norm/bias": (width,), "head/kernel": (width, num_classes), "head/bias": (num_classes,)}
+              "norm/bias": (width,), "fc_norm/scale": (width,), "fc_norm/bias": (width,),
+              "head/kernel": (width, num_classes), "head/bias": (num_classes,)}
     block = {"norm1/scale": (width,), "norm1/bias": (width,), "norm2/scale": (width,), "norm2/bias": (width,),
              "attn/qkv/kernel": (width, 3 * width), "attn/qkv/bias": (3 * width,),
              "attn/proj/kernel": (width, width), "attn/proj/bias": (width,),
