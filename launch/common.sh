@@ -20,12 +20,23 @@ common_arg() {
 # finds the other processes), and TRAIN_QUOTED to the same as one line that a shell reads back word
 # for word.
 train_command() {
-  TRAIN=(python -m masksub_jax.main --config="${CONFIG}" --workdir="${WORKDIR}")
+  TRAIN=("${PYTHON:-python}" -m masksub_jax.main --config="${CONFIG}" --workdir="${WORKDIR}")
   if [[ "${CLUSTER:-0}" == 1 ]]; then TRAIN+=(--cluster); fi
   if [[ -n "${DATA_DIR}" ]]; then TRAIN+=(--config.data.data_dir="${DATA_DIR}"); fi
   TRAIN+=("${EXTRA[@]+"${EXTRA[@]}"}")
   # shellcheck disable=SC2034  # read by the scripts that source this file
   TRAIN_QUOTED=$(quoted "${TRAIN[@]}")
+}
+
+# Installs this checkout into its own .venv with JAX for the accelerator ($1: cuda or tpu) at the
+# tested versions (constraints.txt), and sets PYTHON to that venv's python. Runs where the script runs
+# (a SLURM login node has the network that compute nodes often lack); a no-op when all is installed.
+install_here() {
+  local repo
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  PYTHON="${repo}/.venv/bin/python"
+  run python3 -m venv "${repo}/.venv"
+  run "${PYTHON}" -m pip install -q -e "${repo}[$1]" -c "${repo}/constraints.txt"
 }
 
 # Its arguments, each quoted for the shell (printf %q), joined by spaces.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Trains on all GPUs of one machine: one process drives every local GPU (JAX's single-controller
-# model on one host), the batch split over them. Rerun the same command to resume.
+# model on one host), the batch split over them. Rerun the same command to resume. Installs the
+# checkout with JAX's CUDA wheels into its .venv first (launch/common.sh: install_here).
 #
 #   launch/gpu_node.sh --workdir=runs/vit_b --data_dir=/data/tfds [--config=configs/vit_b.py] \
 #       [--config.KEY=VALUE ...] [--dry-run]
@@ -13,6 +14,7 @@ for arg in "$@"; do
 done
 [[ -n "${WORKDIR}" ]] || die "--workdir is required"
 
+install_here cuda
 train_command
 # XLA may take all GPU memory up front (the default, fastest); tf.data stays on the CPU.
 run "${TRAIN[@]}"

@@ -8,7 +8,8 @@
 #   launch/slurm_gpu.sh --nodes=8 --gpus_per_node=8 --workdir=/shared/runs/vit_l \
 #       --data_dir=/shared/tfds [--config=configs/vit_l.py] [--partition=P] [--time=72:00:00] [--dry-run]
 #
-# --workdir must be on a file system that every node sees. --dry-run prints the batch script.
+# --workdir and this checkout (with its .venv, installed here first) must be on a file system that
+# every node sees. --dry-run prints the batch script.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -27,6 +28,7 @@ done
 [[ -n "${NODES}" && -n "${WORKDIR}" ]] || die "--nodes and --workdir are required"
 positive_int --nodes "${NODES}"
 positive_int --gpus_per_node "${GPUS}"
+install_here cuda  # here, on the node that submits: the venv is in the checkout, on the shared file system
 CLUSTER=1 train_command
 
 SCRIPT="#!/usr/bin/env bash

@@ -7,9 +7,9 @@
 #       --workdir=gs://BUCKET/vit_b --data_dir=gs://BUCKET/tfds [--config=configs/vit_b.py] [--dry-run]
 #
 # Steps: create (skipped if the TPU exists), copy this checkout's committed tree (git archive) to
-# every worker and install it there with jax[tpu], train (`python -m masksub_jax.main --cluster` on
-# --worker=all: JAX's own TPU detection finds the other workers and starts the runtime that delivers
-# preemption notices).
+# every worker and install it there with its `tpu` extra (constraints.txt), train
+# (`python -m masksub_jax.main --cluster` on --worker=all: JAX's own TPU detection finds the other
+# workers and starts the runtime that delivers preemption notices).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -38,7 +38,7 @@ ARCHIVE="${TMPDIR:-/tmp}/masksub_jax.tar.gz"
 run git -C "$(dirname "$0")/.." archive --format=tar.gz --output="${ARCHIVE}" HEAD
 run "${TPU[@]}" scp "${ARCHIVE}" "${NAME}:masksub_jax.tar.gz" --zone="${ZONE}" --worker=all
 INSTALL="set -e; mkdir -p masksub_jax && tar -xzf masksub_jax.tar.gz -C masksub_jax && cd masksub_jax \
-&& python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
+&& python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]' -c constraints.txt"
 run "${TPU[@]}" ssh "${NAME}" --zone="${ZONE}" --worker=all --command="${INSTALL}"
 
 CLUSTER=1 train_command

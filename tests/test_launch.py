@@ -27,7 +27,8 @@ def test_tpu_vm_creates_installs_and_trains_on_every_worker():
     assert create.startswith("gcloud compute tpus tpu-vm create b16 --zone=us-central2-b --accelerator-type=v4-32")
     assert "archive" in archive and "HEAD" in archive
     assert scp.startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in scp
-    assert "--worker=all" in install and "pip\\ install" in install and "jax\\[tpu\\]" in install
+    assert "--worker=all" in install and "pip\\ install" in install
+    assert "\\'.\\[tpu\\]\\'\\ -c\\ constraints.txt" in install  # the tpu extra at the tested versions
     assert "--worker=all" in train
     for part in ("python\\ -m\\ masksub_jax.main", "--config=configs/vit_b.py", "--workdir=gs://bucket/vit_b",
                  "--cluster", "--config.data.data_dir=gs://bucket/tfds", "--config.batch_size=4096"):
@@ -38,7 +39,10 @@ def test_gpu_node_runs_the_trainer_once_for_all_local_gpus():
     rc, out, err = _dry_run("gpu_node.sh", "--workdir=runs/vit_b", "--config=configs/vit_s.py",
                             "--config.model.dtype=bfloat16")
     assert rc == 0, err
-    assert _commands(out) == ["python -m masksub_jax.main --config=configs/vit_s.py --workdir=runs/vit_b "
+    python = f"{REPO}/.venv/bin/python"
+    assert _commands(out) == [f"python3 -m venv {REPO}/.venv",
+                              f"{python} -m pip install -q -e {REPO}\\[cuda\\] -c {REPO}/constraints.txt",
+                              f"{python} -m masksub_jax.main --config=configs/vit_s.py --workdir=runs/vit_b "
                               "--config.model.dtype=bfloat16"]
 
 
@@ -48,7 +52,8 @@ def test_slurm_script_has_one_task_per_gpu_and_requeues_on_75(tmp_path):
     assert rc == 0, err
     for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue",
-                 f"srun --kill-on-bad-exit=1 python -m masksub_jax.main --config=configs/vit_l.py --workdir={tmp_path}/run "
+                 f"srun --kill-on-bad-exit=1 {REPO}/.venv/bin/python -m masksub_jax.main --config=configs/vit_l.py "
+                 f"--workdir={tmp_path}/run "
                  "--cluster",
                  'if [ "${status}" -eq 75 ]; then scontrol requeue "${SLURM_JOB_ID}"; fi',
                  f"+ sbatch --output={tmp_path}/run/slurm-%j.out <<< (the script above)"):
@@ -66,7 +71,7 @@ def test_every_argument_reaches_the_trainer_word_for_word():
     rc, out, err = _dry_run("slurm_gpu.sh", "--nodes=2", *ODD_ARGS)
     assert rc == 0, err
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert _words(srun)[2:] == expected
+    assert _words(srun)[2:] == [f"{REPO}/.venv/bin/python", *expected[1:]]  # the venv install_here made
     rc, out, err = _dry_run("tpu_vm.sh", "--name=b16", "--zone=z", "--accelerator=v4-32", "--workdir=gs://b/my run",
                             *ODD_ARGS[1:], "--config=configs/vit_l.py")
     assert rc == 0, err
@@ -101,3 +106,12 @@ def test_launch_scripts_are_shellcheck_clean():
     shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or "shellcheck"
     done = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout
+
+
+def test_ci_runs_the_readmes_install_and_test_command_word_for_word():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme_test_line = f.read().split("```bash\n", 1)[1].splitlines()[1]
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+        ci_line = next(line.strip() for line in f if line.startswith("python3 -m venv"))
+    assert ci_line == readme_test_line
+    assert "-c constraints.txt" in ci_line and "ruff check ." in ci_line
