@@ -30,7 +30,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.source = "tfds"  # digits | synthetic | tfds
     c.data.name = "imagenet2012"  # TFDS name (source=tfds)
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default
-    c.data.train_split = "train"
+    c.data.train_split = "train"  # TFDS split, slices allowed: "train[:500]" (digits too; it evaluates on "test")
     c.data.eval_split = "validation"
     c.data.image_size = 224
     c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop
@@ -224,6 +224,22 @@ def parse_arg(arg: str | None, **defaults) -> dict:
                              + (f"this config takes {sorted(defaults)}." if defaults else "this config takes none."))
         out[key] = type(defaults[key])(value)
     return out
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys ("masksub.mode") in place, as `--config.KEY=VALUE` does; returns `config`.
+    A key the config does not have is an error naming the closest known one."""
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        try:
+            parent = config[section] if section else config
+            known = name in parent
+        except KeyError:
+            known = False
+        if not known:
+            raise ValueError(unknown_key_message(key))
+        parent[name] = value
+    return config
 
 
 def flatten(c, prefix=""):

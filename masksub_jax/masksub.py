@@ -46,13 +46,18 @@ def corruption(mode: str, ratio: float, rng, batch_size: int, num_units: int, fi
     raise ValueError(f"Unknown MaskSub mode {mode!r}; use one of {MODES}.")
 
 
+def branch_rngs(rng):
+    """The (main, sub, corruption) keys that `branches` draws from the step's loss key `rng`."""
+    return jax.random.split(rng, 3)
+
+
 def branches(forward: Forward, images, targets, rng, *, loss: Loss, mode: str, ratio: float, num_units: int,
              first_example=0):
     """The two branches' losses as functions of the parameters, with the step's randomness fixed:
     main(params, model_state) -> (loss_main, (logits_main, model_state)) and
     sub(params, model_state, teacher) -> (loss_sub, model_state). `first_example`: the index of
     images[0] in the step's batch (see `keep_indices`)."""
-    rng_main, rng_sub, rng_corrupt = jax.random.split(rng, 3)
+    rng_main, rng_sub, rng_corrupt = branch_rngs(rng)
 
     def main(params, model_state):
         logits, model_state = forward(params, model_state, images, rng_main)

@@ -62,6 +62,14 @@ class JsonlWriter(metric_writers.MetricWriter):
         self.flush()
 
 
+def read_history(workdir: str) -> list[dict]:
+    """The run's logged metrics, oldest first: {"step", "train/loss_main", ...} and {"step", "eval/top1",
+    "eval/top5"} records from WORKDIR/metrics.jsonl ([] if there is none)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [record for record in map(json.loads, lines) if "step" in record]
+
+
 def make_writer(workdir: str, is_chief: bool, start_step: int = 0) -> metric_writers.MetricWriter:
     """TensorBoard events under WORKDIR/tb and WORKDIR/metrics.jsonl (kept up to `start_step`), on the
     chief process only."""
@@ -80,16 +88,25 @@ class Progress:
         self.total_steps, self.batch_size = total_steps, batch_size
         self._last_step, self._last_time = start_step, time.perf_counter()
 
-    def rate(self, step: int) -> float:
-        """Steps per second since the last call; resets the interval."""
+    def restart(self, step: int) -> float:
+        """Starts the next interval at `step` (after compiling or evaluating, whose time is not the
+        steps'); returns the seconds since the last interval began."""
         now = time.perf_counter()
-        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-        self._last_step, self._last_time = step, now
-        return rate
+        elapsed, self._last_step, self._last_time = now - self._last_time, step, now
+        return elapsed
 
-    def line(self, step: int, scalars: dict, steps_per_s: float) -> str:
-        eta = datetime.timedelta(seconds=round((self.total_steps - step) / max(steps_per_s, 1e-9)))
+    def rate(self, step: int) -> float | None:
+        """Steps per second since the interval began (None if no step since); starts the next one."""
+        steps = step - self._last_step
+        elapsed = self.restart(step)
+        return steps / max(elapsed, 1e-9) if steps else None
+
+    def line(self, step: int, scalars: dict, steps_per_s: float | None) -> str:
+        if steps_per_s:
+            eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_s))
+            speed = f"{steps_per_s * self.batch_size:.0f} ex/s | ETA {eta}"
+        else:
+            speed = "ex/s and ETA at the next log step"
         return (f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} "
                 f"(main {scalars['loss_main']:.4f}, sub {scalars['loss_sub']:.4f}) | "
-                f"acc {scalars['accuracy']:.3f} | lr {scalars['lr']:.2e} | "
-                f"{steps_per_s * self.batch_size:.0f} ex/s | ETA {eta}")
+                f"acc {scalars['accuracy']:.3f} | lr {scalars['lr']:.2e} | {speed}")

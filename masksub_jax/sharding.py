@@ -4,6 +4,7 @@ Mesh axes: `data` (the batch is split over it) and `fsdp` (the batch is split ov
 are the large parameters and optimizer moments, ZeRO-3 style: XLA gathers a weight where it is
 used). With fsdp = 1 (the default) every device holds the whole state: plain data parallelism.
 """
+import glob
 import os
 import sys
 import threading
@@ -11,11 +12,37 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Arrays smaller than this many elements are replicated: sharding them saves little memory and
 # costs a collective each.
 MIN_SHARDED_SIZE = 2**14
+
+# Device files that say a GPU or TPU is attached to this machine, whatever JAX runs on.
+ACCELERATOR_FILES = {"GPU": ("/dev/nvidia[0-9]*",), "TPU": ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")}
+EXTRA_FOR = {"GPU": "cuda", "TPU": "tpu"}
+
+
+def describe_devices() -> str:
+    """What the run computes on, for its first lines: a CPU-only jax on a GPU node is easy to miss."""
+    devices = jax.devices()
+    return (f"JAX {jax.__version__}, backend {jax.default_backend()}: {len(devices)} device(s) "
+            f"({devices[0].device_kind}) in {jax.process_count()} process(es).")
+
+
+def unused_accelerator(backend: str, accelerator_files=ACCELERATOR_FILES) -> str | None:
+    """A warning when this machine has a GPU or TPU but JAX runs on the CPU (unless JAX_PLATFORMS=cpu
+    asks for that): the jax installed has no support for it."""
+    if backend != "cpu" or os.environ.get("JAX_PLATFORMS", "").lower() == "cpu":
+        return None
+    for kind, patterns in accelerator_files.items():
+        found = sorted(path for pattern in patterns for path in glob.glob(pattern))
+        if found:
+            return (f"WARNING: this machine has a {kind} ({found[0]}) but JAX runs on the CPU: the jax installed "
+                    f"has no {kind} support. Install with `pip install -e '.[{EXTRA_FOR[kind]}]' -c constraints.txt` "
+                    "(README: Installing), or set JAX_PLATFORMS=cpu to train on the CPU.")
+    return None
 
 
 def make_mesh(fsdp: int) -> Mesh:
@@ -28,6 +55,11 @@ def make_mesh(fsdp: int) -> Mesh:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def to_global(batch: dict, batch_sharding: NamedSharding) -> dict:
+    """This process's share of a global batch as global arrays laid out by `batch_sharding`."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -75,7 +107,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 def barrier(name: str) -> None:
     """Every process waits here for all the others (nothing to do with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -94,7 +126,7 @@ def watch_peers(lost_after_s: float = LOST_AFTER_S, exit_fn=os._exit) -> threadi
     reads everyone's: a peer silent for `lost_after_s` (or the service gone: process 0, which runs it,
     is lost) ends this process with status 1 and a line naming the lost process. Collectives with a
     dead peer would otherwise block until JAX aborts the process."""
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel  (the runtime's client)
+    from jax._src import distributed  # the runtime's client
     client, me, count = distributed.global_state.client, jax.process_index(), jax.process_count()
     # Each beat reads every process's key: on a large pod, beat less often to spare the coordinator.
     interval = _HEARTBEAT_S * max(1.0, count / 64)
@@ -113,7 +145,7 @@ def watch_peers(lost_after_s: float = LOST_AFTER_S, exit_fn=os._exit) -> threadi
             try:
                 client.key_value_set(f"{_HEARTBEAT_KEY}{me}", str(beats), allow_overwrite=True)
                 values = dict(client.key_value_dir_get(_HEARTBEAT_KEY))
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:
                 if _watchdog_stop.is_set():
                     return None
                 if me != 0:
@@ -148,14 +180,14 @@ def leaving_normally() -> None:
     for thread in _watchdog:
         thread.join(timeout=10 * _HEARTBEAT_S)  # its last heartbeat must not land after "done"
     if several_processes():
-        from jax._src import distributed  # pylint: disable=import-outside-toplevel
+        from jax._src import distributed
         distributed.global_state.client.key_value_set(f"{_HEARTBEAT_KEY}{jax.process_index()}", "done",
                                                       allow_overwrite=True)
 
 
 def several_processes() -> bool:
     """Whether this is one of several processes (False before JAX's runtime is up)."""
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    from jax._src import distributed
     return distributed.global_state.client is not None and jax.process_count() > 1
 
 

@@ -7,11 +7,14 @@ functions for `jax.jit`. Batches carry uint8 images; normalisation happens here,
 The train state is a dict: step, params, opt_state, rng, and the model's other collections under
 their own names (ResNet's batch_stats), which training updates and checkpoints carry like the rest.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from masksub_jax import erasing, losses, masksub, mixing, models, optim
+from masksub_jax.models import layers
 
 
 def make_model(config, num_classes: int):
@@ -54,15 +57,50 @@ def make_init(model, tx, image_shape):
     return init
 
 
-def _normaliser(config):
+def normaliser(config):
     mean = jnp.asarray(config.data.mean, jnp.float32) * 255
     std = jnp.asarray(config.data.std, jnp.float32) * 255
     return lambda images: (images.astype(jnp.float32) - mean) / std
 
 
+def make_augment(config, num_classes: int):
+    """(batch, rng) -> (images, targets, rng_loss): the train step's normalised images after random
+    erasing and mixup, their targets, and the key its loss draws from."""
+    normalise = normaliser(config)
+
+    def augment(batch, rng):
+        rng_mix, rng_loss = jax.random.split(rng)
+        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]),
+                                        config.data.random_erasing)
+        images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
+                                     label_smoothing=config.label_smoothing, **config.mixup.to_dict())
+        return images, targets, rng_loss
+    return augment
+
+
+def make_input_preview(config, num_classes: int, count: int = 8):
+    """(batch, rng) -> (inputs, sub_inputs): images in [0, 1] of the batch's first `count` examples as
+    the train step with `rng` feeds them to the main branch (after erasing and mixup), and for
+    masking the same with the units the sub-branch does not keep greyed out (else None)."""
+    augment = make_augment(config, num_classes)
+    mean, std = jnp.asarray(config.data.mean, jnp.float32), jnp.asarray(config.data.std, jnp.float32)
+    num_units = models.of(config).num_units(config)
+
+    def preview(batch, rng):
+        images, _, rng_loss = augment(batch, rng)
+        inputs = jnp.clip(images[:count] * std + mean, 0.0, 1.0)
+        if config.masksub.mode != "masking" or config.masksub.ratio == 0:
+            return inputs, None
+        keep = masksub.keep_indices(masksub.branch_rngs(rng_loss)[2], inputs.shape[0], num_units,
+                                    config.masksub.ratio)  # example j's units depend only on j
+        unit = inputs.shape[1] // math.isqrt(num_units)  # every family's units are squares in a grid
+        return inputs, layers.keep_blocks(inputs, keep, unit, fill=jnp.full(inputs.shape[-1], 0.5))
+    return preview
+
+
 def make_train_step(config, model, tx, schedule, num_classes: int):
     """Random erasing and mixup once, then the MaskSub loss's gradient, then one optimizer update."""
-    normalise = _normaliser(config)
+    augment = make_augment(config, num_classes)
     loss = losses.LOSSES[config.loss]
     num_units = models.of(config).num_units(config)
 
@@ -103,11 +141,7 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         return (totals.mean(), aux), jax.tree.map(lambda g: g / accum, grad_sum)
 
     def train_step(state, batch, rng):
-        rng_mix, rng_loss = jax.random.split(rng)
-        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]),
-                                        config.data.random_erasing)
-        images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
-                                     label_smoothing=config.label_smoothing, **config.mixup.to_dict())
+        images, targets, rng_loss = augment(batch, rng)
         (total, aux), grads = accumulated_grads(state["params"], model_state(state), images, targets, rng_loss)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
@@ -129,7 +163,7 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
 def make_eval_step(config, model, num_classes: int):
     """Sums of top-1 and top-5 hits over the real (mask = 1) examples of a padded batch.
     `variables`: `variables(state)`, the parameters and (ResNet) the running statistics."""
-    normalise = _normaliser(config)
+    normalise = normaliser(config)
 
     def eval_step(variables, batch):
         logits = model.apply(variables, normalise(batch["image"]), train=False)

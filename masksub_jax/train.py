@@ -10,9 +10,10 @@ import ml_collections
 import numpy as np
 
 from masksub_jax import checkpoint, convert, metrics, models, preemption, sharding
-from masksub_jax import workdir as workdir_lib
 from masksub_jax import config as config_lib
+from masksub_jax import evaluate as evaluate_lib
 from masksub_jax import step as step_lib
+from masksub_jax import workdir as workdir_lib
 from masksub_jax.data import pipeline
 
 
@@ -41,20 +42,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         changes = workdir_lib.changed_keys(run_config, flat)
         workdir_lib.check_same_run(workdir, changes)
         sharding.barrier("workdir read")
-        return _train(config, flat, workdir, checkpoints, changes, say, start_time)
+        summary = _train(config, flat, workdir, checkpoints, changes, say, start_time)
+    return {**summary, "history": metrics.read_history(workdir) if is_chief else []}
 
 
 def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict:
     is_chief = jax.process_index() == 0
     # ----------------------------------------------------------------------------------------------
     # Device mesh (data x fsdp): the batch is split over all devices, large state arrays over fsdp.
+    say(sharding.describe_devices())
+    if warning := sharding.unused_accelerator(jax.default_backend()):
+        say(warning)
     mesh = sharding.make_mesh(config.mesh.fsdp)
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------------------------------------
     # Data.
-    data = pipeline.make(config, jax.process_index(), jax.process_count())
+    data = pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
     total_steps = config.total_steps
     if total_steps is None:
         if data.num_train_examples is None:
@@ -63,9 +68,6 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         total_steps = max(1, round(config.total_epochs * steps_per_epoch))
     else:
         steps_per_epoch = (data.num_train_examples or config.batch_size) // config.batch_size
-
-    def to_global(batch):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
     # ----------------------------------------------------------------------------------------------
     # Model and optimizer; the state is created directly with its sharding.
@@ -108,14 +110,12 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     train_step = jax.jit(step_lib.make_train_step(config, model, tx, schedule, data.num_classes),
                          in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    eval_step = jax.jit(step_lib.make_eval_step(config, model, data.num_classes),
-                        in_shardings=(step_lib.variables(state_sharding), batch_sharding), out_shardings=replicated)
+    input_preview = jax.jit(step_lib.make_input_preview(config, data.num_classes), out_shardings=replicated)
+    evaluator = evaluate_lib.make_evaluator(config, model, data, mesh, step_lib.variables(state_sharding))
 
     def evaluate(variables):
-        sums = [eval_step(variables, to_global(batch)) for batch in data.eval_batches()]
-        sums = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
-        return {"top1": sums["correct1"] / sums["count"], "top5": sums["correct5"] / sums["count"],
-                "eval_examples": int(sums["count"])}
+        say(f"evaluating {data.num_eval_examples} examples...")
+        return evaluator(variables)
 
     def record_start():
         """Once the first step has run on every process: the run has really started."""
@@ -136,14 +136,19 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         f"with MaskSub mode={config.masksub.mode} ratio={config.masksub.ratio} for "
         f"{total_steps} steps of {config.batch_size} on {jax.device_count()} device(s).")
     pending, window = [], []  # step metrics on the device; fetched ones since the last log line
+    first_inputs = None
     step = start_step
-    batches = pipeline.prefetch(map(to_global, data.train_batches(start_step)), size=2)
+    batches = pipeline.prefetch((sharding.to_global(batch, batch_sharding) for batch in data.train_batches(start_step)),
+                                size=2)
+    say("compiling the train step...")
     with preemption.Watch(checkpoints, jax.process_count()) as watch:
         while step < total_steps:
-            state, step_metrics = train_step(state, next(batches),
-                                             jax.random.fold_in(state["rng"], step))
+            batch, step_rng = next(batches), jax.random.fold_in(state["rng"], step)
+            state, step_metrics = train_step(state, batch, step_rng)
             if step == start_step:
                 jax.block_until_ready(step_metrics)
+                first_inputs = input_preview(batch, step_rng)  # compiled here too: before the clock restarts
+                say(f"compiled and ran the first step in {progress.restart(step + 1):.1f} s")
                 record_start()
             step += 1
             pending.append((step, step_metrics))
@@ -156,15 +161,23 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
             if log_now:
                 scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                 window = []
-                scalars["examples_per_s"] = progress.rate(step) * config.batch_size
-                writer.write_scalars(step, scalars)
+                steps_per_s = progress.rate(step)
+                if steps_per_s:
+                    scalars["examples_per_s"] = steps_per_s * config.batch_size
+                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                if first_inputs is not None:  # what the branches of this session's first step saw
+                    inputs, sub_inputs = jax.device_get(first_inputs)
+                    writer.write_images(step, {"train/inputs": inputs} | (
+                        {"train/sub_branch_inputs": sub_inputs} if sub_inputs is not None else {}))
+                    first_inputs = None
                 writer.flush()
-                say(progress.line(step, scalars, scalars["examples_per_s"] / config.batch_size))
+                say(progress.line(step, scalars, steps_per_s))
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
                 result = evaluate(step_lib.variables(state))
-                writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+                writer.write_scalars(step, {"eval/top1": result["top1"], "eval/top5": result["top5"]})
                 writer.flush()
                 say(f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
+                progress.restart(step)  # the evaluation's time is not the steps'
             if save_now:
                 checkpoints.save(state, force=preempted)
             if preempted and step < total_steps:
@@ -176,7 +189,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     # ----------------------------------------------------------------------------------------------
     # Final evaluation.
     result = evaluate(step_lib.variables(state))
-    writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+    writer.write_scalars(step, {"eval/top1": result["top1"], "eval/top5": result["top5"]})
     writer.flush()
     summary = {"step": step, **result, "wall_s": time.time() - start_time}
     summary_path = workdir_lib.path(workdir) / "summary.json"

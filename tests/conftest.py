@@ -44,10 +44,7 @@ def tiny_digits_config(data_dir: str, **overrides):
     c.batch_size, c.eval_batch_size = 64, 64
     c.total_steps = 60
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 0, 20
-    for key, value in overrides.items():
-        section, _, name = key.rpartition(".")
-        (c[section] if section else c)[name] = value
-    return c
+    return config_lib.override(c, overrides)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,15 +52,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def digits_file_config(data_dir: str, overrides: dict):
     """configs/digits.py with `overrides` (dotted keys), as the command line would give it."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("digits_config", os.path.join(REPO, "configs", "digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    for key, value in {**overrides, "data.data_dir": data_dir}.items():
-        section, _, name = key.rpartition(".")
-        (c[section] if section else c)[name] = value
-    return c
+    from masksub_jax import configs
+    return configs.get("digits", **overrides, **{"data.data_dir": data_dir})
 
 
 def digits_main_command(workdir: str, data_dir: str, overrides: dict) -> list[str]:

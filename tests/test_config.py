@@ -1,30 +1,19 @@
 """Config validation: every bad value is named with its fix, before anything is compiled."""
-import importlib.util
-import os
 
 import ml_collections
 import pytest
 
 from masksub_jax import config as config_lib
-from masksub_jax import train
+from masksub_jax import configs, train
 from masksub_jax.data import pipeline
 from tests.conftest import tiny_digits_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("name,variant,size,lr,wd,drop_path", [
     ("vit_s", "S/16", 224, 4e-3, 0.03, 0.0), ("vit_b", "B/16", 192, 3e-3, 0.03, 0.1),
     ("vit_l", "L/16", 192, 3e-3, 0.03, 0.4), ("vit_h", "H/14", 154, 3e-3, 0.03, 0.5)])
 def test_shipped_imagenet_configs_carry_the_400_epoch_recipe(name, variant, size, lr, wd, drop_path):
-    c = load_config(name)
+    c = configs.get(name)
     config_lib.validate(c, num_devices=8)
     assert (c.model.variant, c.data.image_size, c.optim.lr) == (variant, size, lr)
     assert (c.optim.weight_decay, c.model.drop_path, c.total_epochs) == (wd, drop_path, 400)
@@ -34,18 +23,18 @@ def test_shipped_imagenet_configs_carry_the_400_epoch_recipe(name, variant, size
 
 
 def test_800_epoch_argument_and_unknown_arguments():
-    c = load_config("vit_b", "epochs=800")
+    c = configs.get("vit_b", "epochs=800")
     assert (c.total_epochs, c.optim.weight_decay, c.model.drop_path) == (800, 0.05, 0.2)
     with pytest.raises(ValueError, match="epochs=300 has no published recipe"):
-        load_config("vit_b", "epochs=300")
+        configs.get("vit_b", "epochs=300")
     with pytest.raises(ValueError, match="Unknown config argument 'epoch'"):
-        load_config("vit_b", "epoch=800")
+        configs.get("vit_b", "epoch=800")
     with pytest.raises(ValueError, match="Unknown config argument 'epochs'.*this config takes none"):
-        load_config("digits", "epochs=800")
+        configs.get("digits", "epochs=800")
 
 
 def test_digits_config_is_valid():
-    config_lib.validate(load_config("digits"), num_devices=8)
+    config_lib.validate(configs.get("digits"), num_devices=8)
 
 
 @pytest.mark.parametrize("key,value,message", [

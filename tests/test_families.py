@@ -15,9 +15,9 @@ def test_a_family_from_outside_the_package_trains_with_masksub(tmp_path, digits_
                                 **{"model.family": "tests.tiny_family"})
     summary = train.run(config, str(tmp_path / "run"))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"loss_sub"' in line]
-    assert summary["step"] == 20 and lines[-1]["loss_main"] < lines[0]["loss_main"]
-    assert lines[-1]["loss_sub"] == lines[-1]["loss_sub"]  # the sub-branch ran: not NaN
+             if '"train/loss_sub"' in line]
+    assert summary["step"] == 20 and lines[-1]["train/loss_main"] < lines[0]["train/loss_main"]
+    assert lines[-1]["train/loss_sub"] == lines[-1]["train/loss_sub"]  # the sub-branch ran: not NaN
     assert bench.step_flops(config, 10) is None  # no forward_flops: bench falls back to XLA's count
 
 

@@ -26,9 +26,7 @@ def _config(data_dir, **overrides):
     c.data.name, c.data.data_dir, c.data.image_size = "generated_jpegs/tiny", data_dir, 16
     c.model.variant = "mu/8"
     c.batch_size, c.eval_batch_size = 12, 8
-    for key, value in overrides.items():
-        section, _, name = key.rpartition(".")
-        (c[section] if section else c)[name] = value
+    config_lib.override(c, overrides)
     config_lib.validate(c)
     return c
 
@@ -144,6 +142,18 @@ def test_eval_covers_each_example_once_across_two_processes(jpeg_dir):
     np.testing.assert_array_equal(images, np.concatenate([b["image"][b["mask"] > 0] for b in single]))
 
 
+def test_a_small_eval_set_is_not_padded_out_to_a_large_eval_batch(jpeg_dir):
+    """10 eval examples, eval batch 1024 on 4 devices: one batch of 12 (10 rounded up to 4), not 1024."""
+    tfds_batches = list(tfds_source.TfdsSource(_config(jpeg_dir, eval_batch_size=1024), batch_multiple=4)
+                        .eval_batches())
+    assert [b["label"].shape for b in tfds_batches] == [(12,)] and tfds_batches[0]["mask"].sum() == NUM_EVAL
+    images = np.zeros((300, 8, 8, 1), np.uint8)
+    digits_like = pipeline.ArraySource((images, np.zeros(300, np.int32)), (images, np.arange(300) % 10),
+                                       num_classes=10, seed=0, batch_size=64, eval_batch_size=1024, batch_multiple=8)
+    assert [len(b["label"]) for b in digits_like.eval_batches()] == [304]
+    assert pipeline.capped_eval_batch_size(256, 1000, 8) == 256  # a large eval set keeps the configured batch
+
+
 def test_eval_preprocessing_is_the_centre_crop_of_the_resized_image(jpeg_dir):
     records = tfds.builder("generated_jpegs/tiny", data_dir=jpeg_dir).as_data_source(
         "validation", decoders={"image": tfds.decode.SkipDecoding()})
@@ -167,7 +177,8 @@ def test_mocked_imagenet2012():
 
 def test_unprepared_and_tfrecord_data_sets_name_the_prepare_command(tmp_path, jpeg_dir):
     with pytest.raises(pipeline.DataNotFoundError, match=r"not prepared .*python -m masksub_jax.data.prepare "
-                                                         r"--name=generated_jpegs/tiny"):
+                                                         r"--name=generated_jpegs/tiny.*without the data, "
+                                                         r"train on generated images: --config.data.source=synthetic"):
         _source(str(tmp_path / "empty"))
     generated.GeneratedJpegs(config="tiny", data_dir=str(tmp_path / "tfrecord")).download_and_prepare()
     with pytest.raises(tfds_source.DataFormatError, match=r"stored as tfrecord.*masksub_jax.data.prepare"):

@@ -2,7 +2,6 @@
 and the official MaskSub step (fixtures from tools/make_resnet_fixtures.py), the statistics in the
 train step, the configs, and timm weights in and out."""
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from masksub_jax import checkpoint, convert, losses, masksub, sharding, train
+from masksub_jax import checkpoint, configs, convert, losses, masksub, sharding, train
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
 from masksub_jax.models import layers, resnet, weights
@@ -268,7 +267,7 @@ DIGITS_RESNET = {"model.family": "resnet", "model.variant": "mu", "model.drop_pa
 
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return np.array([[m["loss_main"], m["loss_sub"]] for m in map(json.loads, f) if "loss" in m])
+        return np.array([[m["train/loss_main"], m["train/loss_sub"]] for m in map(json.loads, f) if "train/loss" in m])
 
 
 def _converted_digits_weights(directory) -> str:
@@ -323,16 +322,11 @@ def test_converted_weights_train_survive_kill_9_and_export_their_statistics(digi
 
 # --------------------------------------------------------------------------------------------------
 # Configs.
-def _load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def test_shipped_configs_carry_the_official_rsb_command():
     for name, variant in (("resnet50", "50"), ("resnet101", "101"), ("resnet152", "152")):
-        c = _load(name)
+        c = configs.get(name)
         config_lib.validate(c, num_devices=8)
         assert (c.model.family, c.model.variant, c.model.bn_group_size) == ("resnet", variant, 256)
         assert (c.batch_size, c.total_epochs, c.data.image_size, c.data.crop_ratio) == (2048, 300.0, 224, 0.95)

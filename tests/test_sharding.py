@@ -22,7 +22,7 @@ OVERRIDES = {"total_steps": 20, "log_every_steps": 1, "checkpoint_every_steps": 
 
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return np.array([[m["loss_main"], m["loss_sub"]] for m in map(json.loads, f) if "loss" in m])
+        return np.array([[m["train/loss_main"], m["train/loss_sub"]] for m in map(json.loads, f) if "train/loss" in m])
 
 
 def test_large_arrays_are_split_over_fsdp_and_small_ones_replicated():
@@ -64,6 +64,24 @@ def test_loss_trajectory_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh(d
 def test_fsdp_that_does_not_divide_the_devices_is_a_clear_error(digits_dir, tmp_path):
     with pytest.raises(ValueError, match="mesh.fsdp=3 is invalid: must divide the device count 8"):
         train.run(tiny_digits_config(digits_dir, **{"mesh.fsdp": 3}), str(tmp_path))
+
+
+def test_a_gpu_or_tpu_that_jax_does_not_use_is_named_with_the_install_command(tmp_path, monkeypatch):
+    files = {"GPU": (str(tmp_path / "nvidia[0-9]*"),), "TPU": (str(tmp_path / "accel[0-9]*"),)}
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert sharding.unused_accelerator("cpu", files) is None  # nothing attached
+    (tmp_path / "nvidia0").touch()
+    warning = sharding.unused_accelerator("cpu", files)
+    assert f"has a GPU ({tmp_path}/nvidia0) but JAX runs on the CPU" in warning
+    assert "pip install -e '.[cuda]' -c constraints.txt" in warning
+    assert sharding.unused_accelerator("gpu", files) is None
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # asked for
+    assert sharding.unused_accelerator("cpu", files) is None
+    monkeypatch.delenv("JAX_PLATFORMS")
+    (tmp_path / "nvidia0").unlink()
+    (tmp_path / "accel0").touch()
+    assert "has a TPU" in sharding.unused_accelerator("cpu", files) and "'.[tpu]'" in sharding.unused_accelerator(
+        "cpu", files)
 
 
 def _free_port() -> int:
@@ -141,7 +159,7 @@ def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
     assert [r["step"] for r in resumes] == [2, 4, 4, 8, 10]
     assert resumes[-1]["changed"] == {"total_steps": 100000, "log_every_steps": 1}
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        logged = [m["step"] for m in map(json.loads, f) if "loss" in m]
+        logged = [m["step"] for m in map(json.loads, f) if "train/loss" in m]
     assert logged == sorted(set(logged)) and logged[:5] == [2, 4, 6, 8, 10]
 
 

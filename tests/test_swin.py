@@ -1,7 +1,5 @@
 """Swin: parity with timm and the official MaskSub Swin step (fixtures of tools/make_swin_fixtures.py),
 the mask-token sub-branch, weights in and out, configs, and training end to end."""
-import importlib.util
-import json
 import os
 
 import jax
@@ -10,9 +8,9 @@ import numpy as np
 import pytest
 
 from masksub_jax import config as config_lib
-from masksub_jax import convert, losses, masksub, optim, train
+from masksub_jax import configs, convert, losses, masksub, optim, train
 from masksub_jax.models import layers, swin, weights
-from tests.conftest import REPO, tiny_digits_config
+from tests.conftest import tiny_digits_config
 from tests.seeded import seeded_weights
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "swin_parity.npz")
@@ -171,7 +169,7 @@ def test_mask_tokens_lie_exactly_on_the_dropped_blocks():
 
 
 def test_kept_blocks_follow_the_ratio_and_differ_per_example_and_per_step():
-    config = _load("swin_t")
+    config = configs.get("swin_t")
     units = swin.num_units(config)
     assert units == 49  # 7x7 blocks of 32 px at 224
     for ratio, kept in ((0.5, 24), (0.25, 36), (0.75, 12)):  # the ratio is honoured (the official code fixes 0.5)
@@ -203,17 +201,12 @@ def test_no_weight_decay_on_mask_token_and_bias_tables():
 
 # --------------------------------------------------------------------------------------------------
 # Configs and training.
-def _load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("name,variant,drop_path", [("swin_t", "T/4", 0.2), ("swin_s", "S/4", 0.3),
                                                     ("swin_b", "B/4", 0.5)])
 def test_shipped_swin_configs_carry_the_published_recipe(name, variant, drop_path):
-    c = _load(name)
+    c = configs.get(name)
     config_lib.validate(c, num_devices=8)
     assert (c.model.family, c.model.variant, c.model.drop_path, c.data.image_size) == ("swin", variant, drop_path, 224)
     assert (c.optim.name, c.optim.lr, c.optim.min_lr, c.optim.warmup_epochs, c.optim.weight_decay,
@@ -232,7 +225,7 @@ def test_shipped_swin_configs_carry_the_published_recipe(name, variant, drop_pat
     ("model.family", "nosuch", "Unknown model.family 'nosuch'"),
 ])
 def test_bad_swin_values_are_named(key, value, message):
-    c = _load("swin_t")
+    c = configs.get("swin_t")
     section, _, name = key.rpartition(".")
     c[section][name] = value
     with pytest.raises(ValueError, match=message):
@@ -240,7 +233,7 @@ def test_bad_swin_values_are_named(key, value, message):
 
 
 def test_swin_t_config_runs_three_steps_at_a_tiny_size(tmp_path):
-    c = _load("swin_t")
+    c = configs.get("swin_t")
     c.data.source, c.data.image_size, c.masksub.block_size = "synthetic", 32, 8
     c.model.variant = "mu/2"
     c.data.num_train_examples = c.data.num_eval_examples = 16
@@ -248,17 +241,17 @@ def test_swin_t_config_runs_three_steps_at_a_tiny_size(tmp_path):
     c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 3, 1, 3
     summary = train.run(c, str(tmp_path / "run"))
     assert summary["step"] == 3 and summary["eval_examples"] == 16
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"loss_sub"' in line for line in lines) == 3
+    assert sum("train/loss_sub" in record for record in summary["history"]) == 3
 
 
 def test_a_digits_sized_swin_learns(tmp_path, digits_dir):
     config = tiny_digits_config(digits_dir, total_steps=80, **{"model.family": "swin", "model.variant": "mu/1",
                                                                 "masksub.block_size": 4})
     summary = train.run(config, str(tmp_path / "run"))
-    lines = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss_main"' in line]
-    first, last = json.loads(lines[0]), json.loads(lines[-1])
-    assert last["loss_main"] < first["loss_main"] - 0.15 and last["loss_sub"] < first["loss_sub"]
+    logged = [record for record in summary["history"] if "train/loss_main" in record]
+    first, last = logged[0], logged[-1]
+    assert last["train/loss_main"] < first["train/loss_main"] - 0.15
+    assert last["train/loss_sub"] < first["train/loss_sub"]
     assert summary["top1"] > 0.25  # 10 classes; 80 steps of 64 from scratch
 
 

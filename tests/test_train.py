@@ -27,12 +27,12 @@ def _metrics(workdir):
 
 def test_masksub_run_learns_and_writes_its_outputs(finished_run):
     config, workdir, summary = finished_run
-    logged = [m for m in _metrics(workdir) if "loss" in m]
+    logged = [m for m in _metrics(workdir) if "train/loss" in m]
     assert [m["step"] for m in logged] == [20, 40, 60]
-    assert logged[-1]["loss_main"] < 0.95 * logged[0]["loss_main"]
+    assert logged[-1]["train/loss_main"] < 0.95 * logged[0]["train/loss_main"]
     # The sub loss is a cross-entropy against a teacher that sharpens as it learns: not monotone.
-    assert all(np.isfinite(m["loss_sub"]) for m in logged)
-    assert all(m["examples_per_s"] > 0 for m in logged)
+    assert all(np.isfinite(m["train/loss_sub"]) for m in logged)
+    assert all(m["train/examples_per_s"] > 0 for m in logged)
     assert summary["step"] == 60 and summary["eval_examples"] == 300
     assert summary["top1"] > 0.2  # 10 classes: chance is 0.1
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
@@ -40,6 +40,55 @@ def test_masksub_run_learns_and_writes_its_outputs(finished_run):
     assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 40, 60]
     assert config.keep_checkpoints == 3
+    assert summary["history"] == _metrics(workdir)  # run() hands back what it logged
+
+
+def test_tensorboard_groups_train_and_eval_and_shows_the_first_inputs(finished_run):
+    from tensorboard.backend.event_processing import event_accumulator
+    _, workdir, _ = finished_run
+    events = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"train/loss", "train/loss_main", "train/loss_sub", "train/lr", "train/examples_per_s",
+            "eval/top1", "eval/top5", "train/inputs", "train/sub_branch_inputs"} <= tags
+    assert not any(tag.startswith("eval_") or tag == "eval/eval_examples" for tag in tags)
+    assert [e.step for e in events.Tensors("train/sub_branch_inputs")] == [20]  # once, at the first log step
+    # tf.summary.image: width, height, then 8 PNGs (the first 8 examples)
+    assert len(events.Tensors("train/inputs")[0].tensor_proto.string_val) == 2 + 8
+
+
+def test_input_preview_greys_out_exactly_the_units_the_sub_branch_drops(digits_dir):
+    from masksub_jax import masksub, step
+    from masksub_jax.data import pipeline
+    config = tiny_digits_config(digits_dir, **{"masksub.ratio": 0.25})
+    batch = next(pipeline.make(config).train_batches())
+    rng = jax.random.PRNGKey(7)
+    inputs, sub_inputs = jax.device_get(step.make_input_preview(config, 10)(batch, rng))
+    assert inputs.shape == sub_inputs.shape == (8, 8, 8, 1) and 0 <= inputs.min() and inputs.max() <= 1
+    # The train step's key for the loss is the second half of split(rng); its corruption key the third of three.
+    keep = np.asarray(masksub.keep_indices(jax.random.split(jax.random.split(rng)[1], 3)[2], 8, 16, 0.25))
+    assert keep.shape == (8, 12)  # mu/2 on 8x8: 16 units of 2x2 pixels, 12 kept at ratio 0.25
+    for i in range(8):
+        for unit in range(16):
+            r, c = divmod(unit, 4)
+            block = (slice(2 * r, 2 * r + 2), slice(2 * c, 2 * c + 2))
+            want = inputs[i][block] if unit in keep[i] else np.full((2, 2, 1), 0.5, np.float32)
+            np.testing.assert_array_equal(sub_inputs[i][block], want)
+
+
+def test_evaluate_and_predict_reproduce_the_runs_result(finished_run):
+    from masksub_jax import evaluate
+    from masksub_jax.data import pipeline
+    config, workdir, summary = finished_run
+    variables = evaluate.load_variables(config, workdir, 10)
+    scores = evaluate.evaluate(config, variables)
+    assert scores == {"top1": summary["top1"], "top5": summary["top5"], "eval_examples": 300}
+    data = pipeline.make(config)
+    logits = evaluate.predict(config, variables, data.eval_images)
+    assert logits.shape == (300, 10)
+    assert np.mean(logits.argmax(-1) == data.eval_labels) == pytest.approx(summary["top1"], abs=1e-9)
+    sub = evaluate.predict(config, variables, data.eval_images[:32], sub_branch_rng=jax.random.PRNGKey(0))
+    assert sub.shape == (32, 10) and not np.allclose(sub, logits[:32])  # half the tokens: other logits
 
 
 def test_finished_run_says_so_and_does_nothing(finished_run, capsys):
@@ -57,7 +106,7 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, tmp_path):
     shutil.copytree(os.path.join(workdir, "checkpoints", "20"), os.path.join(resumed, "checkpoints", "20"))
     summary = train.run(config, resumed)
     assert summary["step"] == 60
-    assert [m["step"] for m in _metrics(resumed) if "loss" in m] == [40, 60]
+    assert [m["step"] for m in _metrics(resumed) if "train/loss" in m] == [40, 60]
     want, got = checkpoint.load_params(workdir), checkpoint.load_params(resumed)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)
@@ -69,7 +118,9 @@ def test_longer_run_continues_from_the_last_checkpoint(finished_run, tmp_path, c
     shutil.copytree(workdir, longer)
     config = tiny_digits_config(config.data.data_dir, total_steps=80)
     assert train.run(config, longer)["step"] == 80
-    assert "Resuming from the checkpoint of step 60" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Resuming from the checkpoint of step 60" in out
+    assert f"JAX {jax.__version__}, backend cpu: 8 device(s) (cpu) in 1 process(es)." in out
 
 
 def test_load_params_gives_numpy_arrays_of_the_model(finished_run):
@@ -94,13 +145,18 @@ def test_workdir_of_another_model_is_refused(finished_run, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["none", "dropout", "droppath"])
-def test_other_modes_train(digits_dir, tmp_path, mode):
+def test_other_modes_train(digits_dir, tmp_path, mode, capsys):
     config = tiny_digits_config(digits_dir, total_steps=4, log_every_steps=2, checkpoint_every_steps=4,
                                 **{"masksub.mode": mode})
     summary = train.run(config, str(tmp_path))
-    logged = [m for m in _metrics(str(tmp_path)) if "loss" in m]
+    out = capsys.readouterr().out.splitlines()
+    first = out.index("compiling the train step...")
+    assert out[first + 1].startswith("compiled and ran the first step in ")
+    assert out[first + 2].startswith("step 2/4 |") and "ex/s | ETA" in out[first + 2]  # the first step left out
+    assert out[-2] == "evaluating 300 examples..."
+    logged = [m for m in _metrics(str(tmp_path)) if "train/loss" in m]
     assert summary["step"] == 4 and len(logged) == 2
-    assert np.isnan(logged[0]["loss_sub"]) == (mode == "none")
+    assert np.isnan(logged[0]["train/loss_sub"]) == (mode == "none")
 
 
 def test_lamb_bce_mixup_recipe_on_synthetic_data(tmp_path):
@@ -129,8 +185,8 @@ def test_bfloat16_memory_lean_remat_run_learns(digits_dir, tmp_path):
     mixed = train.run(tiny_digits_config(digits_dir, **{"model.dtype": "bfloat16", "model.remat": True,
                                                          "masksub.memory_lean": True}), str(tmp_path / "bf16"))
     assert mixed["step"] == 60 and mixed["top1"] > 0.2  # 10 classes: chance is 0.1
-    logged = [m for m in _metrics(str(tmp_path / "bf16")) if "loss" in m]
-    assert logged[-1]["loss_main"] < 0.95 * logged[0]["loss_main"]
+    logged = [m for m in _metrics(str(tmp_path / "bf16")) if "train/loss" in m]
+    assert logged[-1]["train/loss_main"] < 0.95 * logged[0]["train/loss_main"]
 
 
 def test_workdir_paths_keep_bucket_urls():

@@ -1,6 +1,5 @@
 """The paper's other ViT recipes: MAE fine-tuning (global pool + fc_norm, layer-wise lr decay), the
 224 px fine-tune stage, and the official checkpoints' layouts."""
-import importlib.util
 import os
 import re
 
@@ -9,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from masksub_jax import checkpoint, convert, optim, train
+from masksub_jax import checkpoint, configs, convert, optim, train
 from masksub_jax import config as config_lib
 from masksub_jax.models import vit, weights
-from tests.conftest import REPO, tiny_digits_config
+from tests.conftest import tiny_digits_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -151,18 +150,11 @@ def test_mae_pretraining_weights_start_the_global_pool_fine_tune(mae, tmp_path):
     np.testing.assert_array_equal(params["norm"]["scale"], np.full(32, 3.0, np.float32))
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.mark.parametrize("name,variant,drop_path,lr,layer_decay,epochs", [
     ("mae_vit_b", "B/16", 0.1, 2e-3, 0.65, 100), ("mae_vit_l", "L/16", 0.2, 4e-3, 0.75, 50),
     ("mae_vit_h", "H/14", 0.3, 4e-3, 0.75, 50)])
 def test_mae_configs_carry_the_recipe(name, variant, drop_path, lr, layer_decay, epochs):
-    c = _load(name)
+    c = configs.get(name)
     config_lib.validate(c, num_devices=8)
     assert (c.model.variant, c.model.drop_path, c.optim.lr, c.optim.layer_decay, c.total_epochs) == \
         (variant, drop_path, pytest.approx(lr), layer_decay, epochs)
@@ -178,7 +170,7 @@ def test_mae_configs_carry_the_recipe(name, variant, drop_path, lr, layer_decay,
 @pytest.mark.parametrize("name,variant,drop_path", [("vit_b_ft224", "B/16", 0.2), ("vit_l_ft224", "L/16", 0.45),
                                                     ("vit_h_ft224", "H/14", 0.55)])
 def test_224_fine_tune_configs_carry_the_recipe(name, variant, drop_path):
-    c = _load(name)
+    c = configs.get(name)
     config_lib.validate(c, num_devices=8)
     assert (c.model.variant, c.model.drop_path, c.data.image_size, c.total_epochs, c.batch_size) == \
         (variant, drop_path, 224, 20, 512)
@@ -194,15 +186,13 @@ def _tiny(c, **overrides):
     c.data.num_train_examples = c.data.num_eval_examples = 16
     c.batch_size = c.eval_batch_size = 8
     c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 3, 1, 3
-    for key, value in overrides.items():
-        section, _, leaf = key.rpartition(".")
-        (c[section] if section else c)[leaf] = value
+    config_lib.override(c, overrides)
     return c
 
 
 @pytest.mark.parametrize("name", ["mae_vit_b", "mae_vit_l", "mae_vit_h"])
 def test_mae_configs_run_three_steps_at_a_tiny_size(name, tmp_path):
-    summary = train.run(_tiny(_load(name)), str(tmp_path / "run"))
+    summary = train.run(_tiny(configs.get(name)), str(tmp_path / "run"))
     assert summary["step"] == 3
     params = checkpoint.load_params(str(tmp_path / "run"))
     assert "fc_norm" in params and "norm" not in params and "gamma_1" not in params["blocks_0"]
@@ -222,7 +212,7 @@ def pretraining_workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["vit_b_ft224", "vit_l_ft224", "vit_h_ft224"])
 def test_the_224_fine_tune_starts_from_a_smaller_pretraining_workdir(name, pretraining_workdir, tmp_path, capsys):
-    summary = train.run(_tiny(_load(name), init_from=pretraining_workdir), str(tmp_path / "ft"))
+    summary = train.run(_tiny(configs.get(name), init_from=pretraining_workdir), str(tmp_path / "ft"))
     assert summary["step"] == 3
     assert "resampled pos_embed from (1, 9, 64) to (1, 16, 64)" in capsys.readouterr().out
 

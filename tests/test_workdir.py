@@ -66,9 +66,9 @@ def test_a_resume_drops_the_metrics_past_its_checkpoint_and_records_what_changed
     changed.optim.lr = 1e-3
     assert train.run(changed, resumed)["step"] == 40
     logged = _metrics(resumed)
-    assert [m["step"] for m in logged if "loss" in m] == [10, 20, 30, 40]
+    assert [m["step"] for m in logged if "train/loss" in m] == [10, 20, 30, 40]
     assert sum("hparams" in m for m in logged) == 1
-    assert [m["step"] for m in logged if "eval_top1" in m] == [40]
+    assert [m["step"] for m in logged if "eval/top1" in m] == [40]
     assert _read(resumed, "config.json") == _read(workdir, "config.json")  # what the run started with
     assert json.loads(_read(resumed, "resumes.jsonl")) == {"step": 20, "changed": {"optim.lr": 1e-3}}
     with pytest.raises(workdir_lib.WorkdirError, match="optim.lr"):  # the record counts: 1e-3 is now the run's

@@ -38,13 +38,14 @@ class ArraySource:
 
     def __init__(self, train: tuple[np.ndarray, np.ndarray], evaluation: tuple[np.ndarray, np.ndarray], *,
                  num_classes: int, seed: int, batch_size: int, eval_batch_size: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, batch_multiple: int = 1):
         self.train_images, self.train_labels = train
         self.eval_images, self.eval_labels = evaluation
         self.num_classes = num_classes
-        self.num_train_examples = len(self.train_labels)
+        self.num_train_examples, self.num_eval_examples = len(self.train_labels), len(self.eval_labels)
         self.image_shape = self.train_images.shape[1:]
-        self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+        self.seed, self.batch_size = seed, batch_size
+        self.eval_batch_size = capped_eval_batch_size(eval_batch_size, self.num_eval_examples, batch_multiple)
         self.process_index, self.process_count = process_index, process_count
         if batch_size > self.num_train_examples:
             raise ValueError(f"batch_size={batch_size} is larger than the {self.num_train_examples} "
@@ -82,6 +83,12 @@ def prefetch(items: Iterator, size: int) -> Iterator:
         yield queue.popleft()
 
 
+def capped_eval_batch_size(eval_batch_size: int, num_eval_examples: int, multiple: int) -> int:
+    """The eval batch, no larger than the eval set rounded up to `multiple` (the device count, which
+    must divide it): a small eval set is not padded out to a large batch."""
+    return min(eval_batch_size, max(1, math.ceil(num_eval_examples / multiple)) * multiple)
+
+
 def pad(batch: Batch, size: int) -> Batch:
     """Pads a batch to `size` examples with zeros and adds `mask` (1 = real example)."""
     n = len(batch["label"])
@@ -99,24 +106,26 @@ def synthetic_examples(num: int, *, image_size: int, num_classes: int, seed: int
     return ((templates[labels] + noise) // 2).astype(np.uint8), labels
 
 
-def make(config, process_index: int = 0, process_count: int = 1):
-    """The source that `config.data.source` names."""
+def make(config, process_index: int = 0, process_count: int = 1, batch_multiple: int = 1):
+    """The source that `config.data.source` names. `batch_multiple`: the device count, which every
+    global batch is a multiple of."""
     d = config.data
     common = dict(seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                  process_index=process_index, process_count=process_count)
+                  process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
     if d.source == "synthetic":
         size = dict(image_size=d.image_size, num_classes=d.num_classes, channels=len(d.mean))
         return ArraySource(synthetic_examples(d.num_train_examples, seed=config.seed, **size),
                            synthetic_examples(d.num_eval_examples, seed=config.seed + 1, **size),
                            num_classes=d.num_classes, **common)
     if d.source == "digits":
-        builder = digits.builder(d.data_dir)
-        arrays = [_as_arrays(builder, split) for split in ("train", "test")]
+        builder = digits.builder(d.data_dir)  # splits train (1497) and test (300); slices work: "train[:500]"
+        arrays = [_as_arrays(builder, split) for split in (d.train_split, "test")]
         if arrays[0][0].shape[1] != d.image_size:
             raise ValueError(f"data.image_size={d.image_size} but the digits images are 8x8; set 8.")
         return ArraySource(*arrays, num_classes=10, **common)
     from masksub_jax.data import tfds_source
-    return tfds_source.TfdsSource(config, process_index=process_index, process_count=process_count)
+    return tfds_source.TfdsSource(config, process_index=process_index, process_count=process_count,
+                                  batch_multiple=batch_multiple)
 
 
 def _as_arrays(builder, split):

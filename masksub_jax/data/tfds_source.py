@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from masksub_jax.data import augment, randaugment
+from masksub_jax.data import augment, pipeline, randaugment
 from masksub_jax.data.pipeline import Batch, CorruptImageError, DataNotFoundError
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX
@@ -74,7 +74,7 @@ def train_transform(data_config):
 class TfdsSource:
     """Train: an endless, deterministic stream of augmented batches. Eval: the split once, padded."""
 
-    def __init__(self, config, process_index: int = 0, process_count: int = 1):
+    def __init__(self, config, process_index: int = 0, process_count: int = 1, batch_multiple: int = 1):
         d = config.data
         try:
             builder = tfds.builder(d.name, data_dir=d.data_dir)
@@ -89,6 +89,8 @@ class TfdsSource:
         self.train_records = _records(builder, d.train_split, d)
         self.eval_records = _records(builder, d.eval_split, d)
         self.num_train_examples, self.num_eval_examples = len(self.train_records), len(self.eval_records)
+        self.eval_batch_size = pipeline.capped_eval_batch_size(config.eval_batch_size, self.num_eval_examples,
+                                                               batch_multiple)
         if self.num_train_examples < config.batch_size:
             raise ValueError(f"batch_size={config.batch_size} is larger than the {self.num_train_examples} examples "
                              f"of split {d.train_split!r}; lower batch_size.")
@@ -114,7 +116,7 @@ class TfdsSource:
     def eval_requests(self) -> list[np.ndarray]:
         """This process's eval batches as example indices; as many batches on every process."""
         n, count = self.num_eval_examples, self.process_count
-        local = self.config.eval_batch_size // count
+        local = self.eval_batch_size // count
         lo, hi = self.process_index * n // count, (self.process_index + 1) * n // count
         steps = math.ceil(math.ceil(n / count) / local)
         return [np.arange(min(hi, lo + i * local), min(hi, lo + (i + 1) * local)) for i in range(steps)]
@@ -130,7 +132,7 @@ class TfdsSource:
 
     def eval_batches(self) -> Iterator[Batch]:
         d = self.config.data
-        local = self.config.eval_batch_size // self.process_count
+        local = self.eval_batch_size // self.process_count
         indices = self.eval_requests()
         requests = tf.data.Dataset.from_generator(
             lambda: ({"index": i, "seed": np.zeros((len(i), 2), np.int64)} for i in indices),
@@ -211,7 +213,9 @@ def _records(builder, split: str, d):
         raise DataNotFoundError(
             f"TFDS data set {d.name!r} is not prepared in data.data_dir={d.data_dir!r}. Prepare it once with "
             f"`{prepare_command(d.name, d.data_dir or 'DIR')}` (ImageNet: put ILSVRC2012_img_train.tar and "
-            "ILSVRC2012_img_val.tar in DIR/downloads/manual first), then pass --config.data.data_dir=DIR.")
+            "ILSVRC2012_img_val.tar in DIR/downloads/manual first), then pass --config.data.data_dir=DIR. "
+            "To try a config without the data, train on generated images: --config.data.source=synthetic "
+            "(README: Try it without ImageNet).")
     if array_record not in (builder.info.file_format, *builder.info.alternative_file_formats):
         raise DataFormatError(
             f"TFDS data set {d.name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, which "

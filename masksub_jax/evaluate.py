@@ -1,0 +1,105 @@
+"""Evaluation and prediction outside the trainer, for notebooks and the command line.
+
+  python -m masksub_jax.evaluate --config=configs/digits.py --workdir=runs/digits
+  python -m masksub_jax.evaluate --config=configs/vit_b.py --init_from=inits/deit3_b --config.data.data_dir=...
+
+evaluates a training workdir's newest checkpoint, or weights converted with `masksub_jax.convert`
+(timm, DeiT-III, MAE, ...), on the config's eval split, and prints top-1 / top-5. It writes nothing.
+From Python: `load_variables`, `evaluate` and `predict` (logits for any images, optionally as the
+sub-branch sees them).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from masksub_jax import convert, masksub, models, sharding
+from masksub_jax import step as step_lib
+from masksub_jax.data import pipeline
+
+
+def make_evaluator(config, model, data, mesh, variables_sharding):
+    """variables -> {"top1", "top5", "eval_examples"} over `data`'s eval split, on `mesh`; every
+    example counts once (eval batches are padded, the padding masked out)."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    eval_step = jax.jit(step_lib.make_eval_step(config, model, data.num_classes),
+                        in_shardings=(variables_sharding, batch_sharding), out_shardings=sharding.replicated(mesh))
+
+    def evaluate(variables):
+        sums = [eval_step(variables, sharding.to_global(batch, batch_sharding)) for batch in data.eval_batches()]
+        sums = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+        return {"top1": sums["correct1"] / sums["count"], "top5": sums["correct5"] / sums["count"],
+                "eval_examples": int(sums["count"])}
+    return evaluate
+
+
+def load_variables(config, path: str, num_classes: int, *, say=print) -> dict:
+    """The variables (params, and ResNet's batch_stats) for `config`'s model from `path`: a training
+    workdir (its newest checkpoint) or weights written by `python -m masksub_jax.convert`, adapted to
+    the model as `config.init_from` is (a new head or image size is said, not silent). NumPy arrays."""
+    model = step_lib.make_model(config, num_classes)
+    image = jnp.zeros((1, config.data.image_size, config.data.image_size, len(config.data.mean)), jnp.float32)
+    initial = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(config.seed), image))
+    return convert.adapt_variables(convert.read_variables(path), initial, family=config.model.family, say=say)
+
+
+def evaluate(config, variables) -> dict:
+    """Top-1 / top-5 of `variables` on `config`'s eval split, on all devices:
+    {"top1", "top5", "eval_examples"}."""
+    data = pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    variables_sharding = sharding.state_sharding(variables, mesh)
+    model = step_lib.make_model(config, data.num_classes)
+    evaluator = make_evaluator(config, model, data, mesh, variables_sharding)
+    return evaluator(jax.device_put(variables, variables_sharding))
+
+
+def predict(config, variables, images, *, sub_branch_rng=None) -> np.ndarray:
+    """Eval-mode logits (N, classes) for uint8 images (N, H, W, C) at the config's image size. With
+    `sub_branch_rng`, as the masking sub-branch sees them: `int(L * (1 - masksub.ratio))` of the L
+    units kept, drawn from that key (`step.make_input_preview` shows which)."""
+    num_classes = variables["params"]["head"]["bias"].shape[-1]  # every family's classifier is "head"
+    model = step_lib.make_model(config, num_classes)
+    corruption = {}
+    if sub_branch_rng is not None:
+        if config.masksub.mode != "masking":
+            raise ValueError(f"masksub.mode={config.masksub.mode!r}: only masking's sub-branch differs from the "
+                             "main branch in eval mode.")
+        corruption = masksub.corruption("masking", config.masksub.ratio, sub_branch_rng, len(images),
+                                        models.of(config).num_units(config))
+    normalise = step_lib.normaliser(config)
+    apply = jax.jit(lambda v, x, c: model.apply(v, normalise(x), train=False, **c))
+    return np.asarray(apply(variables, jnp.asarray(images), corruption))
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b.py.", lock_config=False,
+                                    accept_new_attributes=True)
+    flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint is evaluated.")
+    flags.DEFINE_string("init_from", None, "Weights written by `python -m masksub_jax.convert`.")
+
+
+def main(argv):
+    from absl import flags
+
+    from masksub_jax import config as config_lib
+    del argv
+    config = flags.FLAGS.config
+    config_lib.validate(config, num_devices=jax.device_count())
+    path = flags.FLAGS.workdir or flags.FLAGS.init_from
+    if not path or (flags.FLAGS.workdir and flags.FLAGS.init_from):
+        raise SystemExit("error: give one of --workdir (a training run) and --init_from (converted weights).")
+    print(sharding.describe_devices(), flush=True)
+    data = pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
+    variables = load_variables(config, path, data.num_classes)
+    print(f"evaluating {data.num_eval_examples} examples of {path}...", flush=True)
+    result = evaluate(config, variables)
+    print(f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} on {result['eval_examples']} eval examples "
+          f"({config.data.source} {config.data.name if config.data.source == 'tfds' else ''}".rstrip() + ")")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)
