@@ -81,10 +81,12 @@ def _define_flags():
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging
 
     from masksub_jax import config as config_lib
     del argv
+    if not flags.FLAGS["verbosity"].present:  # the result is printed; library INFO logs only on request
+        logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS.config
     config_lib.validate(config, num_devices=jax.device_count())
     path = flags.FLAGS.workdir or flags.FLAGS.init_from

@@ -110,9 +110,11 @@ def main(argv):
     import shlex
     import sys
 
-    from absl import flags
+    from absl import flags, logging
     del argv
     f = flags.FLAGS
+    if not f["verbosity"].present:  # progress is printed; library INFO logs only on request
+        logging.set_verbosity(logging.WARNING)
     config = f.config
     modes = f.modes.split(",")
     for mode in modes:
