@@ -38,9 +38,16 @@ def _digits_config(data_dir):
     return digits_file_config(data_dir, OVERRIDES)
 
 
+def _sigint_as_a_terminal_sends_it():
+    """In the child: SIGINT not ignored. A test run started in the background by a shell without job
+    control ignores SIGINT, and children inherit that (Python then keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(workdir, data_dir):
     return subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=_sigint_as_a_terminal_sends_it)
 
 
 def _assert_same_params(workdir_a, workdir_b):
