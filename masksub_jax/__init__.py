@@ -5,7 +5,7 @@ In a notebook:
     import masksub_jax
     config = masksub_jax.configs.get("digits", total_steps=300)
     result = masksub_jax.train.run(config, "runs/digits")   # result["history"]: the logged metrics
-    variables = masksub_jax.evaluate.load_variables(config, workdir="runs/digits")
+    variables = masksub_jax.evaluate.load_variables(config, "runs/digits", num_classes=10)
     logits = masksub_jax.evaluate.predict(config, variables, images)
 
 The submodules load on first use, so that `python -m masksub_jax.main` can restart itself under

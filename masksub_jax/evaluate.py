@@ -42,15 +42,19 @@ def load_variables(config, path: str, num_classes: int, *, say=print) -> dict:
     return convert.adapt_variables(convert.read_variables(path), initial, family=config.model.family, say=say)
 
 
-def evaluate(config, variables) -> dict:
-    """Top-1 / top-5 of `variables` on `config`'s eval split, on all devices:
-    {"top1", "top5", "eval_examples"}."""
-    data = pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
+def evaluate(config, variables, data=None) -> dict:
+    """Top-1 / top-5 of `variables` on `config`'s eval split (of `data`, the source, if given), on all
+    devices: {"top1", "top5", "eval_examples"}."""
+    data = data or _source(config)
     mesh = sharding.make_mesh(config.mesh.fsdp)
     variables_sharding = sharding.state_sharding(variables, mesh)
     model = step_lib.make_model(config, data.num_classes)
     evaluator = make_evaluator(config, model, data, mesh, variables_sharding)
     return evaluator(jax.device_put(variables, variables_sharding))
+
+
+def _source(config):
+    return pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
 
 
 def predict(config, variables, images, *, sub_branch_rng=None) -> np.ndarray:
@@ -93,10 +97,10 @@ def main(argv):
     if not path or (flags.FLAGS.workdir and flags.FLAGS.init_from):
         raise SystemExit("error: give one of --workdir (a training run) and --init_from (converted weights).")
     print(sharding.describe_devices(), flush=True)
-    data = pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
+    data = _source(config)
     variables = load_variables(config, path, data.num_classes)
     print(f"evaluating {data.num_eval_examples} examples of {path}...", flush=True)
-    result = evaluate(config, variables)
+    result = evaluate(config, variables, data)
     print(f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} on {result['eval_examples']} eval examples "
           f"({config.data.source} {config.data.name if config.data.source == 'tfds' else ''}".rstrip() + ")")
 

@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from masksub_jax.data import augment, pipeline, randaugment
-from masksub_jax.data.pipeline import Batch, CorruptImageError, DataNotFoundError
+from masksub_jax.data import augment, randaugment
+from masksub_jax.data.pipeline import Batch, CorruptImageError, DataNotFoundError, capped_eval_batch_size
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX
 
@@ -89,8 +89,7 @@ class TfdsSource:
         self.train_records = _records(builder, d.train_split, d)
         self.eval_records = _records(builder, d.eval_split, d)
         self.num_train_examples, self.num_eval_examples = len(self.train_records), len(self.eval_records)
-        self.eval_batch_size = pipeline.capped_eval_batch_size(config.eval_batch_size, self.num_eval_examples,
-                                                               batch_multiple)
+        self.eval_batch_size = capped_eval_batch_size(config.eval_batch_size, self.num_eval_examples, batch_multiple)
         if self.num_train_examples < config.batch_size:
             raise ValueError(f"batch_size={config.batch_size} is larger than the {self.num_train_examples} examples "
                              f"of split {d.train_split!r}; lower batch_size.")
