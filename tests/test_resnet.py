@@ -248,6 +248,22 @@ def test_statistics_move_once_in_the_baseline_twice_with_masksub_and_not_on_a_no
         np.testing.assert_array_equal(a, b)
 
 
+def test_one_step_on_8_devices_equals_1_device_with_global_statistics():
+    """The trainer's shardings, the batch split over 8 devices: with bn_group_size 0 BatchNorm's
+    statistics are those of the whole batch, so the step is the one-device step."""
+    initial, want, want_metrics = _one_step(**{"model.bn_group_size": 0})
+    mesh = sharding.make_mesh(1)
+    init, train_step = _jitted((("model.bn_group_size", 0),), mesh)
+    state_sharding = sharding.state_sharding(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
+    got, metrics = train_step(jax.device_put(initial, state_sharding), BATCH, jax.random.PRNGKey(3))
+    assert len(got["batch_stats"]["bn1"]["mean"].sharding.device_set) == 8
+    for key in ("loss_main", "loss_sub", "grad_norm"):
+        assert float(metrics[key]) == pytest.approx(float(want_metrics[key]), rel=1e-5), key
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(step_lib.variables(got)),
+                            jax.tree.leaves(step_lib.variables(want))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
 def test_accumulation_with_batchnorm_groups_of_the_micro_batch_gives_the_full_batch_update():
     """Groups of 4: each micro-batch of 4 is normalised exactly as within the whole batch of 8."""
     _, full, full_metrics = _one_step(**{"model.bn_group_size": 4})
