@@ -14,7 +14,8 @@ buffer assignment for the compiled step (arguments + outputs + temporaries - don
 MFU is given where the device's peak is known.
 
   python -m masksub_jax.bench input --config=configs/vit_b.py --image_size=224 [--batch=128]
-      [--recipes=3augment,rand-m9-mstd0.5-inc1] [--rounds=30] [--json=FILE]
+      [--recipes=3augment,rand-m9-mstd0.5-inc1] [--sources=tfds,folder] [--rounds=30] [--json=FILE]
+  python -m masksub_jax.bench listing [--files=100000]
 
   python -m masksub_jax.bench checkpoint --config=configs/vit_b.py [--rounds=5]
 
@@ -22,10 +23,14 @@ Saving (until on disk) and restoring the config's whole train state with `checkp
 in a temporary folder (TMPDIR), and the cost of the per-array
 checksums that each save computes and each restore checks.
 
-The train pipeline (`data/tfds_source.py`: read by index, crop-then-decode, the recipe's
+The train pipeline (`data/indexed.py`: read by index, crop-then-decode, the recipe's
 augmentations, batching) on generated JPEGs of ImageNet's typical size (`data/generated.py`,
-built once under --data_dir). `images_per_s_per_core` is images per CPU-second the process used
-(user + system), so it holds however many cores tf.data got; cores_to_feed(rate) = rate / it.
+built once under --data_dir), from the array_record data set (`tfds`) and from the same JPEG files
+in an image-folder tree (`folder`). `images_per_s_per_core` is images per CPU-second the process
+used (user + system), so it holds however many cores tf.data got; cores_to_feed(rate) = rate / it.
+
+`listing`: how long the image-folder source takes to list a tree of --files empty files in 1000
+class folders (in TMPDIR), and to read the list back from a workdir.
 """
 import json
 import os
@@ -60,6 +65,8 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps of each mode after compiling.")
 flags.DEFINE_bool("memory_lean", False, "Measure the memory-lean MaskSub order.")
 flags.DEFINE_string("json", None, "Also write the results to this file as a JSON list.")
 flags.DEFINE_list("recipes", ["3augment", "rand-m9-mstd0.5-inc1"], "input: data.augment recipes to measure.")
+flags.DEFINE_list("sources", ["tfds"], "input: tfds (array_record) and/or folder (the same JPEG files as a tree).")
+flags.DEFINE_integer("files", 100_000, "listing: files in the tree.")
 flags.DEFINE_string("data_dir", os.path.join(os.path.expanduser("~"), ".cache", "masksub_jax", "generated"),
                     "input: where the generated JPEG data set is built (once).")
 
@@ -120,7 +127,7 @@ class StepRunner:
         self.rng = jax.random.PRNGKey(1)
         model = step_lib.make_model(c, num_classes)
         tx, schedule = step_lib.make_optimizer(c, total_steps=1000, steps_per_epoch=100)
-        self.state = jax.jit(step_lib.make_init(model, tx, shape[1:]))(jax.random.PRNGKey(0))
+        self.state = jax.jit(step_lib.make_init(model, tx, shape[1:], ema=bool(c.ema.decay)))(jax.random.PRNGKey(0))
         train_step = jax.jit(step_lib.make_train_step(c, model, tx, schedule, num_classes), donate_argnums=(0,))
         start = time.perf_counter()
         self.compiled = train_step.lower(self.state, self.batch, self.rng).compile()
@@ -184,21 +191,24 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure_input(config, recipes, *, data_dir: str, rounds: int,
+def measure_input(config, recipes, *, data_dir: str, rounds: int, sources=("tfds",),
                   generated_config: str = "imagenet_like") -> list[dict]:
-    """Train-pipeline throughput of each recipe on generated JPEGs; one dict per recipe. The batches
-    the pipeline prepares ahead are drawn before the clock starts, so `rounds` are made while timed."""
+    """Train-pipeline throughput of each recipe on generated JPEGs, from each source; one dict per
+    (recipe, source). The batches the pipeline prepares ahead are drawn before the clock starts, so
+    `rounds` are made while timed."""
     import tensorflow as tf
 
-    from masksub_jax.data import generated, tfds_source
+    from masksub_jax.data import generated, indexed, pipeline
     name = generated.prepare(generated_config, data_dir)
+    folder = _as_folder(name, data_dir) if "folder" in sources else None
     results = []
-    for recipe in recipes:
+    for recipe, source in ((r, s) for r in recipes for s in sources):
         c = config.copy_and_resolve_references()
-        c.data.source, c.data.name, c.data.data_dir, c.data.augment = "tfds", name, data_dir, recipe
+        c.data.source, c.data.name, c.data.data_dir, c.data.augment = source, name, data_dir, recipe
+        c.data.folder, c.data.eval_split = folder, ("val" if source == "folder" else c.data.eval_split)
         config_lib.validate(c)
-        batches = tfds_source.TfdsSource(c).train_batches()
-        for _ in range(tfds_source.STEPS_IN_FLIGHT + 3):
+        batches = pipeline.make(c).train_batches()
+        for _ in range(indexed.STEPS_IN_FLIGHT + 3):
             next(batches)
         cpu, start = time.process_time(), time.perf_counter()  # every thread's CPU time, to the ns (not ticks)
         for _ in range(rounds):
@@ -206,22 +216,68 @@ def measure_input(config, recipes, *, data_dir: str, rounds: int,
         wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu
         images = rounds * c.batch_size
         results.append({
-            "recipe": recipe, "image_size": c.data.image_size, "batch": c.batch_size, "images": images,
+            "recipe": recipe, "source": source, "image_size": c.data.image_size, "batch": c.batch_size,
+            "images": images,
             "wall_s": wall, "cpu_s": cpu_s, "images_per_s": images / wall, "images_per_s_per_core": images / cpu_s,
             "cores_busy": cpu_s / wall, "cores_available": len(os.sched_getaffinity(0)),
             "data": name, "tensorflow": tf.__version__, "host": platform.node()})
     return results
 
 
+def _as_folder(name: str, data_dir: str) -> str:
+    """The generated data set's JPEG files as an image-folder tree under data_dir (written once)."""
+    import tensorflow_datasets as tfds
+    root = os.path.join(data_dir, "folders", name.replace("/", "_"))
+    if os.path.isdir(os.path.join(root, "val")):
+        return root
+    builder = tfds.builder(name, data_dir=data_dir)
+    for split, folder in (("train", "train"), ("validation", "val")):
+        records = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        for i in range(len(records)):
+            example = records[i]
+            os.makedirs(os.path.join(root, folder, f"class_{example['label']:02d}"), exist_ok=True)
+            with open(os.path.join(root, folder, f"class_{example['label']:02d}", f"{i:06d}.JPEG"), "wb") as f:
+                f.write(example["image"])
+    return root
+
+
 def format_input_table(results: list[dict], feed_rate: float = 2042.0) -> str:
     lines = [f"Train input pipeline at {results[0]['image_size']} px, batch {results[0]['batch']}, "
              f"{results[0]['data']}, {results[0]['cores_available']} cores available",
-             f"{'recipe':<24} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} "
+             f"{'recipe':<24} {'source':<7} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} "
              f"{f'cores for {feed_rate:.0f} img/s':>22}"]
     for r in results:
-        lines.append(f"{r['recipe']:<24} {r['images_per_s']:>8.1f} {r['cores_busy']:>10.2f} "
+        lines.append(f"{r['recipe']:<24} {r['source']:<7} {r['images_per_s']:>8.1f} {r['cores_busy']:>10.2f} "
                      f"{r['images_per_s_per_core']:>10.1f} {feed_rate / r['images_per_s_per_core']:>22.1f}")
     return "\n".join(lines)
+
+
+def measure_listing(num_files: int, num_classes: int = 1000) -> dict:
+    """Seconds for the image-folder source to list a tree of `num_files` empty files in
+    `num_classes` class folders (TMPDIR), and to write and read the list in a workdir."""
+    import tempfile
+
+    from masksub_jax.data import folder_source
+    with tempfile.TemporaryDirectory() as tmp:
+        split = os.path.join(tmp, "images", "train")
+        for k in range(num_classes):
+            os.makedirs(os.path.join(split, f"n{k:08d}"))
+        for i in range(num_files):
+            open(os.path.join(split, f"n{i % num_classes:08d}", f"n{i % num_classes:08d}_{i}.JPEG"), "w").close()
+        start = time.perf_counter()
+        listing = folder_source.list_split(split)
+        list_s = time.perf_counter() - start
+        workdir = os.path.join(tmp, "run")
+        start = time.perf_counter()
+        folder_source.file_list(split, "train", workdir)
+        write_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cached = folder_source.file_list(split, "train", workdir, reuse=True)
+        read_s = time.perf_counter() - start
+        assert len(listing["files"]) == len(cached["files"]) == num_files
+        size = os.path.getsize(os.path.join(workdir, folder_source.LISTS, "train.json.gz"))
+    return {"files": num_files, "classes": num_classes, "list_s": list_s, "list_and_write_s": write_s,
+            "read_cached_s": read_s, "cached_bytes": size, "host": platform.node()}
 
 
 def measure_checkpoint(config, *, num_classes: int, rounds: int) -> dict:
@@ -234,7 +290,7 @@ def measure_checkpoint(config, *, num_classes: int, rounds: int) -> dict:
     model = step_lib.make_model(config, num_classes)
     tx, _ = step_lib.make_optimizer(config, total_steps=100, steps_per_epoch=10)
     shape = (config.data.image_size, config.data.image_size, 3)
-    state = jax.jit(step_lib.make_init(model, tx, shape))(jax.random.PRNGKey(0))
+    state = jax.jit(step_lib.make_init(model, tx, shape, ema=bool(config.ema.decay)))(jax.random.PRNGKey(0))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     times = {"save_s": [], "restore_s": [], "fingerprint_s": []}
     with tempfile.TemporaryDirectory() as workdir:
@@ -259,9 +315,17 @@ def measure_checkpoint(config, *, num_classes: int, rounds: int) -> dict:
 
 
 def main(argv):
-    if argv[1:] not in (["step"], ["input"], ["checkpoint"]):
-        raise app.UsageError("Usage: python -m masksub_jax.bench step|input|checkpoint --config=FILE [flags]")
+    if argv[1:] not in (["step"], ["input"], ["checkpoint"], ["listing"]):
+        raise app.UsageError("Usage: python -m masksub_jax.bench step|input|checkpoint|listing --config=FILE [flags]")
     f = flags.FLAGS
+    if argv[1] == "listing":
+        result = measure_listing(f.files)
+        print(f"Listed {result['files']} files in {result['classes']} class folders in {result['list_s']:.2f} s "
+              f"({result['files'] / result['list_s']:.0f} files/s); listed and kept in a workdir in "
+              f"{result['list_and_write_s']:.2f} s ({result['cached_bytes'] / 1e6:.1f} MB); read back in "
+              f"{result['read_cached_s']:.2f} s", flush=True)
+        _write_json([result], f.json)
+        return
     config = f.config
     with config.unlocked():
         config.batch_size = f.batch or (128 if argv[1] == "input" else config.batch_size)
@@ -278,7 +342,8 @@ def main(argv):
         _write_json([result], f.json)
         return
     if argv[1] == "input":
-        results = measure_input(config, f.recipes, data_dir=f.data_dir, rounds=f.rounds if f["rounds"].present else 30)
+        results = measure_input(config, f.recipes, data_dir=f.data_dir, sources=f.sources,
+                                rounds=f.rounds if f["rounds"].present else 30)
         print(format_input_table(results), flush=True)
         _write_json(results, f.json)
         return

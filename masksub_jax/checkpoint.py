@@ -272,9 +272,10 @@ def _implausible(state, step: int) -> str | None:
     return f"{bad[0]} holds NaN or Inf" if bad else None
 
 
-def load_variables(workdir: str, step: int | None = None) -> dict:
+def load_variables(workdir: str, step: int | None = None, *, ema: bool = False) -> dict:
     """The model's variables (params, and the collections such as ResNet's batch_stats) of the
-    newest (or the given) checkpoint in `workdir`, as NumPy arrays.
+    newest (or the given) checkpoint in `workdir`, as NumPy arrays; with `ema`, their moving average
+    (a run with config.ema.decay > 0).
 
     For evaluation, conversion, notebooks and comparisons; needs neither the config nor a device
     layout.
@@ -289,7 +290,7 @@ def load_variables(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
                                 f"it has steps {sorted(steps)}.")
     # The manager saved one unnamed item, which Orbax stores in the step's "default" folder.
-    return variables_from(os.path.join(checkpoint_dir(workdir), str(step), "default"))
+    return variables_from(os.path.join(checkpoint_dir(workdir), str(step), "default"), ema=ema)
 
 
 def load_params(workdir: str, step: int | None = None) -> dict:
@@ -297,14 +298,18 @@ def load_params(workdir: str, step: int | None = None) -> dict:
     return load_variables(workdir, step)["params"]
 
 
-def variables_from(directory: str) -> dict:
+def variables_from(directory: str, *, ema: bool = False) -> dict:
     """The model's variables in the Orbax pytree checkpoint in `directory` (a train state, or weights
-    written by `convert.save_variables`): every entry but the optimizer's and the step's, as NumPy
-    arrays, without reading the rest."""
+    written by `convert.save_variables`): every entry but the optimizer's and the step's (with `ema`:
+    the train state's moving average of them), as NumPy arrays, without reading the rest."""
     checkpointer = ocp.PyTreeCheckpointer()
     with _quiet_orbax():
         tree = checkpointer.metadata(directory).item_metadata.tree
-        wanted = step_lib.variables(dict(tree))
+        if ema and "ema" not in tree:
+            raise FileNotFoundError(f"{directory} holds no moving average of the weights: the run kept none "
+                                    "(config.ema.decay=0). Leave out --ema to use its weights.")
+        wanted = {"ema": dict(tree["ema"])} if ema else step_lib.variables(dict(tree))
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             item=wanted, restore_args=as_numpy, partial_restore=True))
+        return restored["ema"] if ema else restored

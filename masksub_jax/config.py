@@ -14,11 +14,12 @@ from masksub_jax import losses, masksub, models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SOURCES = ("digits", "synthetic", "tfds")
+SOURCES = ("digits", "synthetic", "tfds", "folder")
 AUGMENT_RECIPES = ("3augment", "crop_flip")
 DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
-OPTIONAL = {"data.data_dir": str, "total_steps": int, "init_from": str}  # keys whose default is None
+# Keys whose default is None.
+OPTIONAL = {"data.data_dir": str, "data.folder": str, "total_steps": int, "init_from": str}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -27,11 +28,18 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # digits | synthetic | tfds
+    c.data.source = "tfds"  # digits | synthetic | tfds | folder
     c.data.name = "imagenet2012"  # TFDS name (source=tfds)
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default
+    # source=folder: the folder holding a sub-folder per split, each a sub-folder of images per class
+    # (data/folder_source.py); the splits are data.train_split and data.eval_split (ImageNet's: "val").
+    c.data.folder = config_dict.placeholder(str)
     c.data.train_split = "train"  # TFDS split, slices allowed: "train[:500]" (digits too; it evaluates on "test")
     c.data.eval_split = "validation"
+    # More evaluation sets, evaluated with the eval split at every evaluation: "TFDS_NAME:SPLIT" (e.g.
+    # "imagenet_v2:test", "imagenet2012_real:validation": ReaL accuracy) or "folder:PATH" (a split
+    # folder of class folders named as the training classes). Reported as eval/<name>/top1.
+    c.data.extra_evals = ()
     c.data.image_size = 224
     c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop
     # source=tfds only. Train augmentation after random-resized-crop + flip: "3augment" (DeiT-III:
@@ -93,6 +101,11 @@ def base() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0  # global norm; 0 = off. LAMB's official clip is 1.0.
     c.optim.layer_decay = 1.0  # layer-wise lr decay (MAE): lr * decay^(layers - layer); 1 = off
+
+    # Exponential moving average of the weights (timm's ModelEma; DeiT-III: 0.99996), evaluated beside
+    # them (eval/ema/...) and exportable (convert --to_timm --ema); 0 = none.
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # devices that share (shard) the parameters and optimizer state; the rest is data parallel
@@ -292,6 +305,12 @@ def validate(config, num_devices: int = 1) -> None:
     family = models.of(c)
     family.check(c)  # the variant, and the image sizes that fit it
     _require(c.data.source in SOURCES, "data.source", c.data.source, f"use one of {SOURCES}")
+    _require(c.data.source != "folder" or bool(c.data.folder), "data.folder", c.data.folder,
+             "data.source='folder' reads the image-folder tree at data.folder=ROOT (ROOT/<split>/<class>/*.JPEG)")
+    for spec in c.data.extra_evals:
+        _require(isinstance(spec, str) and ":" in spec and all(spec.split(":", 1)), "data.extra_evals", spec,
+                 "give each as 'TFDS_NAME:SPLIT' (e.g. 'imagenet_v2:test') or 'folder:PATH'")
+    _require(0 <= c.ema.decay < 1, "ema.decay", c.ema.decay, "must be in [0, 1) (0 = no EMA; DeiT-III: 0.99996)")
     _require(0 < c.data.crop_ratio <= 1, "data.crop_ratio", c.data.crop_ratio, "must be in (0, 1]")
     _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,
              "use 'fail' or 'skip'")

@@ -4,6 +4,7 @@
   python -m masksub_jax.convert --family=swin --from=swin_tiny.pth --to=inits/swin_t --variant=T/4 --image_size=224
   python -m masksub_jax.convert --from=mae_pretrain_vit_base.pth --to=inits/mae_b     # variant read from the weights
   python -m masksub_jax.convert --to_timm --from=runs/vit_b --to=vit_b.safetensors     # ours -> timm
+  python -m masksub_jax.convert --to_timm --ema --from=runs/vit_b --to=vit_b_ema.safetensors  # the EMA weights
   python -m masksub_jax.main --config=configs/vit_b.py --workdir=runs/ft --config.init_from=inits/deit3_b
 
   python -m masksub_jax.convert --family=resnet --from=resnet50_a2.safetensors --to=inits/r50 --variant=50
@@ -80,13 +81,16 @@ def read_params(path: str) -> dict:
     return read_variables(path)["params"]
 
 
-def read_variables(path: str) -> dict:
+def read_variables(path: str, *, ema: bool = False) -> dict:
     """The variables that `config.init_from` names: a directory written by this module's CLI, or a
-    training workdir (its newest checkpoint). {"params": ..., and e.g. "batch_stats": ...}, NumPy arrays."""
+    training workdir (its newest checkpoint; with `ema`, its moving average of the weights).
+    {"params": ..., and e.g. "batch_stats": ...}, NumPy arrays."""
     from masksub_jax import checkpoint
     from masksub_jax import workdir as workdir_lib
     if (workdir_lib.path(path) / "checkpoints").exists():
-        return checkpoint.load_variables(path)
+        return checkpoint.load_variables(path, ema=ema)
+    if ema:
+        raise FileNotFoundError(f"--ema reads a training workdir's moving average; {path!r} is not a workdir.")
     try:
         return checkpoint.variables_from(str(workdir_lib.path(path)))
     except Exception as e:
@@ -133,13 +137,13 @@ def adapt_variables(loaded: dict, initial: dict, *, family: str = "vit", say=pri
     return {name: adapt_params(loaded[name], value, family=family, say=say) for name, value in initial.items()}
 
 
-def export_timm(source: str, target: str, family: str) -> int:
-    """Our parameters (a training workdir or a converted directory) as a timm state dict file
-    (.safetensors or .npz). Returns the number of tensors written."""
+def export_timm(source: str, target: str, family: str, *, ema: bool = False) -> int:
+    """Our parameters (a training workdir, with `ema` its moving average, or a converted directory)
+    as a timm state dict file (.safetensors or .npz). Returns the number of tensors written."""
     family_module = models.get(family)
     if not hasattr(family_module, "to_timm"):
         raise ConversionError(f"model family {family!r} has no timm mapping (to_timm).")
-    state_dict = family_module.to_timm(_timm_input(family_module, read_variables(source)))
+    state_dict = family_module.to_timm(_timm_input(family_module, read_variables(source, ema=ema)))
     if target.endswith(".safetensors"):
         from safetensors.numpy import save_file
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, target)
@@ -158,6 +162,8 @@ def main(argv=None) -> None:
     parser.add_argument("--to", required=True, help="new directory for the Orbax checkpoint (with --to_timm: a "
                                                     ".safetensors or .npz file)")
     parser.add_argument("--to_timm", action="store_true", help="export our parameters as a timm state dict")
+    parser.add_argument("--ema", action="store_true", help="with --to_timm from a workdir: export the moving "
+                                                           "average of the weights (config.ema.decay > 0)")
     parser.add_argument("--family", default="vit", help=f"model family: one of {models.FAMILIES}")
     parser.add_argument("--variant", help="the family's variant, e.g. B/16 (ViT) or T/4 (Swin), or a timm model "
                                           "name (deit3_base_patch16_224); ViT reads it from the weights if left out")
@@ -168,7 +174,7 @@ def main(argv=None) -> None:
     if os.path.exists(args.to):
         sys.exit(f"{args.to} exists; pick a new {'file' if args.to_timm else 'directory'} for the converted weights.")
     if args.to_timm:
-        count = export_timm(args.source, args.to, args.family)
+        count = export_timm(args.source, args.to, args.family, ema=args.ema)
         print(f"Wrote {count} tensors in timm's names to {args.to}.")
         return
     family = models.get(args.family)

@@ -5,7 +5,8 @@ train_step(state, batch, rng) -> (state, metrics) and eval_step(variables, batch
 functions for `jax.jit`. Batches carry uint8 images; normalisation happens here, on the device.
 
 The train state is a dict: step, params, opt_state, rng, and the model's other collections under
-their own names (ResNet's batch_stats), which training updates and checkpoints carry like the rest.
+their own names (ResNet's batch_stats), which training updates and checkpoints carry like the rest;
+with config.ema.decay > 0 also "ema", the exponential moving average of those variables.
 """
 import math
 
@@ -34,7 +35,7 @@ def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
     return tx, schedule
 
 
-_TRAINING_KEYS = ("step", "opt_state", "rng")
+_TRAINING_KEYS = ("step", "opt_state", "rng", "ema")
 
 
 def variables(state: dict) -> dict:
@@ -47,13 +48,15 @@ def model_state(state: dict) -> dict:
     return {k: v for k, v in variables(state).items() if k != "params"}
 
 
-def make_init(model, tx, image_shape):
-    """rng -> the train state: step, params, opt_state, the run's base rng, and the model's state."""
+def make_init(model, tx, image_shape, *, ema: bool = False):
+    """rng -> the train state: step, params, opt_state, the run's base rng, the model's state, and
+    with `ema` the average of the variables, which starts as they do."""
     def init(rng):
         initial = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
         params = initial["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng,
-                **model_state(initial)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng,
+                 **model_state(initial)}
+        return state | ({"ema": jax.tree.map(jnp.copy, variables(state))} if ema else {})
     return init
 
 
@@ -146,6 +149,8 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state, "rng": state["rng"], **aux["model_state"]}
+        if config.ema.decay:  # timm's ModelEma: ema = decay * ema + (1 - decay) * weights, in float32
+            new_state["ema"] = optax.incremental_update(variables(new_state), state["ema"], 1 - config.ema.decay)
         # A NaN or Inf loss or gradient: the update is not applied, nor the model state's (the trainer
         # stops or goes on, per config.on_nonfinite), so parameters and checkpoints never hold NaNs.
         grad_norm = optax.tree.norm(grads)
@@ -162,12 +167,18 @@ def make_train_step(config, model, tx, schedule, num_classes: int):
 
 def make_eval_step(config, model, num_classes: int):
     """Sums of top-1 and top-5 hits over the real (mask = 1) examples of a padded batch.
-    `variables`: `variables(state)`, the parameters and (ResNet) the running statistics."""
+    `variables`: `variables(state)`, the parameters and (ResNet) the running statistics.
+    A batch with a `label_set` (ImageNet-ReaL's multi-hot set of right answers) counts a prediction
+    right when it is in the set and leaves out the images whose set is empty (Beyer et al. 2020)."""
     normalise = normaliser(config)
 
     def eval_step(variables, batch):
         logits = model.apply(variables, normalise(batch["image"]), train=False)
         top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+        if "label_set" in batch:
+            counted = jnp.any(batch["label_set"], -1) * batch["mask"]
+            right = jnp.take_along_axis(batch["label_set"], top5[:, :1], -1)[:, 0]
+            return {"correct1": jnp.sum(right * counted), "count": jnp.sum(counted)}
         hits = top5 == batch["label"][:, None]
         return {"correct1": jnp.sum(hits[:, 0] * batch["mask"]),
                 "correct5": jnp.sum(jnp.any(hits, -1) * batch["mask"]), "count": jnp.sum(batch["mask"])}

@@ -58,8 +58,11 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     batch_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------------------------------------
-    # Data.
-    data = pipeline.make(config, jax.process_index(), jax.process_count(), batch_multiple=jax.device_count())
+    # Data: the train and eval splits, and the extra eval sets (each missing one named now).
+    processes = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                     batch_multiple=jax.device_count(), workdir=workdir, resuming=bool(checkpoints.steps()))
+    data = pipeline.make(config, **processes)
+    eval_sets = {"": data} | pipeline.make_extra_evals(config, data.class_names, **processes)
     total_steps = config.total_steps
     if total_steps is None:
         if data.num_train_examples is None:
@@ -73,7 +76,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     # Model and optimizer; the state is created directly with its sharding.
     model = step_lib.make_model(config, data.num_classes)
     tx, schedule = step_lib.make_optimizer(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    init = step_lib.make_init(model, tx, data.image_shape)
+    init = step_lib.make_init(model, tx, data.image_shape, ema=bool(config.ema.decay))
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init, rng)
     state_sharding = sharding.state_sharding(abstract_state, mesh)
@@ -93,6 +96,8 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                                              say=say)
             for name, value in loaded.items():
                 state[name] = jax.device_put(value, state_sharding[name])
+                if "ema" in state:  # the average starts at the weights it averages
+                    state["ema"][name] = jax.device_put(value, state_sharding["ema"][name])
             say(f"Initialised the {' and '.join(loaded)} from {config.init_from}.")
     else:
         start_step = int(jax.device_get(state["step"]))
@@ -111,11 +116,8 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                          in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     input_preview = jax.jit(step_lib.make_input_preview(config, data.num_classes), out_shardings=replicated)
-    evaluator = evaluate_lib.make_evaluator(config, model, data, mesh, step_lib.variables(state_sharding))
-
-    def evaluate(variables):
-        say(f"evaluating {data.num_eval_examples} examples...")
-        return evaluator(variables)
+    evaluate = evaluate_lib.make_evaluations(config, model, eval_sets, mesh, step_lib.variables(state_sharding),
+                                             ema=bool(config.ema.decay), say=say)
 
     def record_start():
         """Once the first step has run on every process: the run has really started."""
@@ -173,10 +175,10 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 writer.flush()
                 say(progress.line(step, scalars, steps_per_s))
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-                result = evaluate(step_lib.variables(state))
-                writer.write_scalars(step, {"eval/top1": result["top1"], "eval/top5": result["top5"]})
+                result = evaluate(state)
+                writer.write_scalars(step, _eval_scalars(result))
                 writer.flush()
-                say(f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}")
+                say(f"eval at step {step}: {evaluate_lib.describe(result)}")
                 progress.restart(step)  # the evaluation's time is not the steps'
             if save_now:
                 checkpoints.save(state, force=preempted)
@@ -188,14 +190,14 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
 
     # ----------------------------------------------------------------------------------------------
     # Final evaluation.
-    result = evaluate(step_lib.variables(state))
-    writer.write_scalars(step, {"eval/top1": result["top1"], "eval/top5": result["top5"]})
+    result = evaluate(state)
+    writer.write_scalars(step, _eval_scalars(result))
     writer.flush()
     summary = {"step": step, **result, "wall_s": time.time() - start_time}
     summary_path = workdir_lib.path(workdir) / "summary.json"
     if is_chief:
         workdir_lib.write_summary(workdir, summary)
-    say(f"Finished at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
+    say(f"Finished at step {step}: {evaluate_lib.describe(result)} "
         f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
         f"Summary: {summary_path}")
     return summary
@@ -219,6 +221,11 @@ def _fetch_and_check(pending, policy: str, checkpoints, say) -> list[dict]:
         say(f"WARNING: NaN or Inf loss or gradient at steps {[step for step, _ in bad]}: "
             "their updates were skipped (config.on_nonfinite='skip').")
     return [{k: float(v) for k, v in m.items()} for _, m in fetched]
+
+
+def _eval_scalars(result: dict) -> dict:
+    """eval/top1, eval/imagenet_v2/top1, eval/ema/top1, ... (the example counts are not metrics)."""
+    return {f"eval/{k}": v for k, v in result.items() if not k.endswith("eval_examples")}
 
 
 def _count(params) -> int:

@@ -1,4 +1,6 @@
 """The step benchmark: FLOP counts against XLA's, and what it reports (no timing assertions)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -84,12 +86,20 @@ def test_memory_lean_does_not_raise_the_compiled_peak_of_masksub():
 def test_measure_input_reports_images_per_core(tmp_path):
     config = tiny_digits_config("/unused", batch_size=12, **{"model.variant": "mu/8", "data.image_size": 32})
     results = bench.measure_input(config, ["3augment", "rand-m7-mstd0.5"], data_dir=str(tmp_path), rounds=2,
-                                  generated_config="tiny")
-    assert [r["recipe"] for r in results] == ["3augment", "rand-m7-mstd0.5"]
+                                  sources=["tfds", "folder"], generated_config="tiny")
+    assert [(r["recipe"], r["source"]) for r in results] == [("3augment", "tfds"), ("3augment", "folder"),
+                                                             ("rand-m7-mstd0.5", "tfds"), ("rand-m7-mstd0.5", "folder")]
+    assert len(os.listdir(tmp_path / "folders" / "generated_jpegs_tiny" / "train")) == 3  # the 3 classes' folders
     for r in results:
         assert r["images"] == 24 and r["images_per_s"] == pytest.approx(24 / r["wall_s"])
         assert r["images_per_s_per_core"] == pytest.approx(24 / r["cpu_s"]) and r["cpu_s"] > 0
     assert "cores for 2042 img/s" in bench.format_input_table(results)
+
+
+def test_listing_benchmark_lists_the_tree_it_made_and_reads_the_kept_list_back():
+    result = bench.measure_listing(300, num_classes=7)
+    assert (result["files"], result["classes"]) == (300, 7)
+    assert result["list_s"] > 0 and result["read_cached_s"] > 0 and result["cached_bytes"] > 0
 
 
 def test_checkpoint_benchmark_saves_restores_and_reports_the_state_size():

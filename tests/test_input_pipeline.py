@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from masksub_jax import config as config_lib
-from masksub_jax.data import generated, pipeline, prepare, tfds_source
+from masksub_jax.data import augment, generated, indexed, pipeline, prepare, tfds_source
 from tests.conftest import mock_imagenet
 
 NUM_TRAIN, NUM_EVAL = 24, 10  # generated_jpegs/tiny
@@ -68,7 +68,7 @@ def test_each_epoch_is_a_seeded_permutation_repeated_three_times(jpeg_dir):
     """B=12, N=24: 2 steps per epoch of 24 positions = 8 distinct images, each 3 times; a new order
     each epoch and each seed."""
     source = _source(jpeg_dir)
-    layout = tfds_source.batch_layout(12, 3)
+    layout = indexed.batch_layout(12, 3)
     epochs = []
     for epoch in range(3):
         stream = np.empty(24, np.int64)
@@ -157,7 +157,7 @@ def test_a_small_eval_set_is_not_padded_out_to_a_large_eval_batch(jpeg_dir):
 def test_eval_preprocessing_is_the_centre_crop_of_the_resized_image(jpeg_dir):
     records = tfds.builder("generated_jpegs/tiny", data_dir=jpeg_dir).as_data_source(
         "validation", decoders={"image": tfds.decode.SkipDecoding()})
-    expected = tfds_source.augment.resize_and_centre_crop(records[0]["image"], size=16, crop_ratio=1.0)
+    expected = augment.resize_and_centre_crop(records[0]["image"], size=16, crop_ratio=1.0)
     np.testing.assert_array_equal(next(_source(jpeg_dir).eval_batches())["image"][0], expected)
 
 
@@ -238,7 +238,7 @@ def test_the_pipeline_reads_a_bounded_number_of_batches_ahead(jpeg_dir):
         batches = _source(jpeg_dir).train_batches()
         for taken in range(1, 4):
             next(batches)
-            assert _settled(reads) <= taken + 2 * tfds_source.STEPS_IN_FLIGHT + 2
+            assert _settled(reads) <= taken + 2 * indexed.STEPS_IN_FLIGHT + 2
 
 
 def _settled(reads, quiet_s=0.5, limit_s=20):

@@ -21,6 +21,7 @@ import tensorflow as tf
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 BLUR_SIGMA_RANGE = (0.1, 2.0)  # DeiT-III GaussianBlur radius
 _BLUR_HALF_WIDTH = math.ceil(3 * BLUR_SIGMA_RANGE[1])
+JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI marker, then a marker)
 
 
 def decode(image_bytes):
@@ -68,16 +69,22 @@ def crop_window(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return tf.cond(tf.reduce_any(fits), placed, centred)
 
 
-def random_resized_crop(image_bytes, seed, *, size: int, is_jpeg: bool):
-    """A random crop (`crop_window`) resized to size x size."""
-    if is_jpeg:
+def random_resized_crop(image_bytes, seed, *, size: int, is_jpeg: bool | None):
+    """A random crop (`crop_window`) resized to size x size. is_jpeg=None: JPEGs (by their first
+    bytes) are decoded only inside the crop, other formats (PNG) whole."""
+    def jpeg():
         shape = tf.image.extract_jpeg_shape(image_bytes)
         top, left, h, w = crop_window(seed, shape[0], shape[1])
-        image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
-    else:
+        return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
+
+    def other():
         image = decode(image_bytes)
         top, left, h, w = crop_window(seed, tf.shape(image)[0], tf.shape(image)[1])
-        image = image[top:top + h, left:left + w]
+        return image[top:top + h, left:left + w]
+    if is_jpeg is None:
+        image = tf.cond(tf.strings.substr(image_bytes, 0, 3) == JPEG_MAGIC, jpeg, other)
+    else:
+        image = jpeg() if is_jpeg else other()
     return to_uint8(resize(image, (size, size)))
 
 

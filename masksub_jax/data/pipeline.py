@@ -6,8 +6,11 @@ Sources:
   synthetic: a deterministic learnable data set of any image size and class count, in memory, for
              smoke tests and benchmarks.
   tfds:      any TFDS image-classification data set by name, read by example index with tf.data
-             (`tfds_source.py`), with the DeiT-III recipes' augmentations (`augment.py`,
+             (`tfds_source.py`, `indexed.py`), with the DeiT-III recipes' augmentations (`augment.py`,
              `randaugment.py`) and repeated augmentation.
+  folder:    an image-folder tree (ROOT/<split>/<class>/*.JPEG; `folder_source.py`), read as a TFDS
+             data set is.
+Extra evaluation sets (config.data.extra_evals): `make_extra_evals`.
 
 Every source gives the batch of step k as a function of (seed, k): a resumed run sees exactly the
 batches an uninterrupted run sees. Eval batches are padded to full size with `mask` = 0 so every
@@ -41,7 +44,7 @@ class ArraySource:
                  process_index: int = 0, process_count: int = 1, batch_multiple: int = 1):
         self.train_images, self.train_labels = train
         self.eval_images, self.eval_labels = evaluation
-        self.num_classes = num_classes
+        self.num_classes, self.class_names = num_classes, [str(i) for i in range(num_classes)]
         self.num_train_examples, self.num_eval_examples = len(self.train_labels), len(self.eval_labels)
         self.image_shape = self.train_images.shape[1:]
         self.seed, self.batch_size = seed, batch_size
@@ -106,9 +109,11 @@ def synthetic_examples(num: int, *, image_size: int, num_classes: int, seed: int
     return ((templates[labels] + noise) // 2).astype(np.uint8), labels
 
 
-def make(config, process_index: int = 0, process_count: int = 1, batch_multiple: int = 1):
+def make(config, process_index: int = 0, process_count: int = 1, batch_multiple: int = 1,
+         workdir: str | None = None, resuming: bool = False, write_lists: bool = True):
     """The source that `config.data.source` names. `batch_multiple`: the device count, which every
-    global batch is a multiple of."""
+    global batch is a multiple of. `workdir`, `resuming`, `write_lists`: where a folder source keeps
+    its file lists, whether to read them back, and whether it may write them."""
     d = config.data
     common = dict(seed=config.seed, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                   process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
@@ -123,9 +128,41 @@ def make(config, process_index: int = 0, process_count: int = 1, batch_multiple:
         if arrays[0][0].shape[1] != d.image_size:
             raise ValueError(f"data.image_size={d.image_size} but the digits images are 8x8; set 8.")
         return ArraySource(*arrays, num_classes=10, **common)
+    processes = dict(process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
+    if d.source == "folder":
+        from masksub_jax.data import folder_source
+        return folder_source.FolderSource(config, workdir=workdir, resuming=resuming, write_lists=write_lists,
+                                          **processes)
     from masksub_jax.data import tfds_source
-    return tfds_source.TfdsSource(config, process_index=process_index, process_count=process_count,
-                                  batch_multiple=batch_multiple)
+    return tfds_source.TfdsSource(config, **processes)
+
+
+def make_extra_evals(config, class_names: list[str], process_index: int = 0, process_count: int = 1,
+                     batch_multiple: int = 1, workdir: str | None = None, resuming: bool = False,
+                     write_lists: bool = True) -> dict:
+    """{name: eval-only source} for config.data.extra_evals: "TFDS_NAME:SPLIT" (name: the TFDS name
+    before any "/") or "folder:PATH" (name: the folder's), in the model's `class_names`' indices."""
+    from masksub_jax.data import folder_source, indexed, tfds_source
+    d = config.data
+    sources = {}
+    for spec in d.extra_evals:
+        kind, where = spec.split(":", 1)
+        if kind == "folder":
+            name = where.rstrip("/").rpartition("/")[2]
+            listing = folder_source.file_list(where.rstrip("/"), f"extra_{name}", workdir, classes=class_names,
+                                              on_corrupt_image=d.on_corrupt_image, reuse=resuming,
+                                              write=write_lists and process_index == 0)
+            split = folder_source.split_of(listing)
+        else:
+            name = kind.partition("/")[0]
+            split = tfds_source.eval_split(kind, where, d.data_dir, len(class_names))
+        if name in sources or name in ("ema",):
+            raise ValueError(f"data.extra_evals names {name!r} twice (or a reserved name); each extra eval set "
+                             "needs a name of its own (its TFDS name, or its folder's name).")
+        sources[name] = indexed.IndexedSource(config, None, split, class_names=class_names,
+                                              process_index=process_index, process_count=process_count,
+                                              batch_multiple=batch_multiple)
+    return sources
 
 
 def _as_arrays(builder, split):

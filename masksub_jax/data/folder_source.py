@@ -1,0 +1,193 @@
+"""Your own images as an image-folder tree, the layout the official PyTorch code reads ImageNet in:
+
+    ROOT/train/<class>/*.JPEG     ROOT/val/<class>/*.png     (data.folder=ROOT, data.train_split=train,
+                                                              data.eval_split=val)
+
+Class index = position of the class folder's name in the sorted names of the train split's class
+folders; an eval split may have fewer classes, not others. Files are JPEG or PNG by their name
+(.jpg, .jpeg, .png in any case), in the class folder or below it; hidden files are ignored and any
+other file is not an image: an error naming it (data.on_corrupt_image="fail") or left out and
+counted ("skip"). An image file that does not decode is handled as in a TFDS data set.
+
+Listing a large tree on a network file system takes minutes, so a training run lists each split
+once and keeps the list in its workdir (`WORKDIR/file_lists/`, with `WORKDIR/classes.json`, the
+class map): a resume, an evaluation or an export of the run uses exactly those files and classes,
+even if the folder has changed since. Examples are read by their index in the list, as a TFDS data
+set's (`indexed.py`: the order, repeated augmentation, per-process slices, exact resume). Nothing in
+the data folder is ever written.
+"""
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from masksub_jax import workdir as workdir_lib
+from masksub_jax.data import indexed
+from masksub_jax.data.pipeline import DataNotFoundError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+LISTS = "file_lists"  # in the workdir
+CLASSES = "classes.json"  # in the workdir: the class names, index = position
+
+
+class FolderError(ValueError):
+    """The image-folder tree is not laid out as a split folder of class folders of images."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing.
+
+def _scan(path: str) -> tuple[list[str], list[str]]:
+    """(sub-folder names, file names) of `path`, unsorted; local paths through os.scandir (no stat
+    per file), others (gs://) through tf.io.gfile."""
+    if "://" not in path:
+        dirs, files = [], []
+        with os.scandir(path) as entries:
+            for entry in entries:
+                (dirs if entry.is_dir() else files).append(entry.name)
+        return dirs, files
+    names = tf.io.gfile.listdir(path)
+    return [n.rstrip("/") for n in names if n.endswith("/")], [n for n in names if not n.endswith("/")]
+
+
+def _isdir(path: str) -> bool:
+    return os.path.isdir(path) if "://" not in path else tf.io.gfile.isdir(path)
+
+
+def _images_below(folder: str, prefix: str, images: list[str], others: list[str]) -> None:
+    """Appends the relative paths (under `prefix`) of the images in `folder` and its sub-folders to
+    `images` and of the other files to `others`, in sorted order."""
+    dirs, files = _scan(folder)
+    entries = sorted([(name, False) for name in files] + [(name, True) for name in dirs])
+    for name, is_dir in entries:
+        if name.startswith("."):
+            continue
+        relative = f"{prefix}/{name}"
+        if is_dir:
+            _images_below(f"{folder}/{name}", relative, images, others)
+        elif name.lower().endswith(IMAGE_EXTENSIONS):
+            images.append(relative)
+        else:
+            others.append(relative)
+
+
+def split_names(root: str) -> list[str]:
+    """The split folders of an image-folder tree, sorted."""
+    if not _isdir(root):
+        raise DataNotFoundError(f"data.folder={root!r} does not exist (or is not a folder). Point "
+                                "--config.data.folder at the folder that holds one sub-folder per split "
+                                "(e.g. train/ and val/), each with one sub-folder of images per class.")
+    splits = sorted(d for d in _scan(root)[0] if not d.startswith("."))
+    if not splits:
+        raise FolderError(f"{root} holds no split folders (e.g. train/ and val/, each with a sub-folder per class).")
+    return splits
+
+
+def list_split(split_dir: str, classes: list[str] | None = None, *, on_corrupt_image: str = "fail") -> dict:
+    """{"split_dir", "classes", "files", "labels", "skipped"}: every image of a split folder, sorted,
+    `files` relative to it. `classes`: the train split's (an eval split's must be among them);
+    None: this split's class folders, sorted."""
+    if not _isdir(split_dir):
+        root, _, split = split_dir.rstrip("/").rpartition("/")
+        raise DataNotFoundError(f"No split folder {split!r} in {root} (it holds {split_names(root)}). Set "
+                                "--config.data.train_split / --config.data.eval_split to one of them.")
+    dirs, loose = _scan(split_dir)
+    found = sorted(d for d in dirs if not d.startswith("."))
+    if not found:
+        raise FolderError(f"{split_dir} has no class folders: put each class's images in a sub-folder "
+                          f"named after the class ({split_dir}/<class>/*.JPEG).")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise FolderError(f"{split_dir} has class folders that the train split has not: {unknown[:10]}"
+                          f"{' ...' if len(unknown) > 10 else ''} ({len(unknown)}). An eval split's classes "
+                          "must be the train split's (the class index is the position among the train "
+                          "split's sorted class names).")
+    index = {name: i for i, name in enumerate(classes)}
+    files, labels, others = [], [], [name for name in loose if not name.startswith(".")]
+    for name in found:
+        before = len(files)
+        _images_below(f"{split_dir}/{name}", name, files, others)
+        if len(files) == before:
+            raise FolderError(f"Class folder {split_dir}/{name} holds no images (JPEG or PNG files: "
+                              f"{', '.join(IMAGE_EXTENSIONS)}). Remove it, or add its images.")
+        labels += [index[name]] * (len(files) - before)
+    if others:
+        shown = ", ".join(f"{split_dir}/{o}" for o in others[:5]) + (" ..." if len(others) > 5 else "")
+        if on_corrupt_image == "fail":
+            raise FolderError(f"{len(others)} file(s) in {split_dir} are not images (JPEG or PNG by their "
+                              f"name): {shown}. Move them out of the data folder, or set "
+                              "--config.data.on_corrupt_image=skip to leave them out.")
+        print(f"WARNING: {len(others)} file(s) in {split_dir} are not images and are left out: {shown}",
+              file=sys.stderr, flush=True)
+    return {"split_dir": split_dir, "classes": list(classes), "files": files, "labels": labels,
+            "skipped": others}
+
+
+def file_list(split_dir: str, name: str, workdir: str | None, *, classes=None, on_corrupt_image="fail",
+              reuse: bool = True, write: bool = True) -> dict:
+    """`list_split`, kept in WORKDIR/file_lists/NAME.json.gz: read from there when `reuse` and it
+    lists the same folder, else listed and (when `write`: process 0) written there, atomically."""
+    cached = workdir_lib.path(workdir) / LISTS / f"{name}.json.gz" if workdir else None
+    if cached is not None and reuse and cached.exists():
+        listing = json.loads(gzip.decompress(cached.read_bytes()))
+        if listing["split_dir"] == split_dir:
+            return listing
+    listing = list_split(split_dir, classes, on_corrupt_image=on_corrupt_image)
+    if cached is not None and write:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.parent / (cached.name + ".partial")
+        partial.write_bytes(gzip.compress(json.dumps(listing).encode(), compresslevel=1))
+        partial.replace(cached)
+    return listing
+
+
+def read_classes(workdir: str) -> list[str] | None:
+    """The class names a folder run trained with (index = position), or None."""
+    file = workdir_lib.path(workdir) / CLASSES
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading.
+
+def split_of(listing: dict) -> indexed.Split:
+    """The listed images as a Split: a record is (path, label); the file is read inside tf.data."""
+    split_dir = listing["split_dir"]
+    paths = tf.constant([f"{split_dir}/{f}" for f in listing["files"]])
+    labels = tf.constant(np.asarray(listing["labels"], np.int32))
+
+    def fetch(index):
+        return tf.gather(paths, index), tf.gather(labels, index)
+
+    def example(record):
+        path, label = record
+        return {"image": tf.io.read_file(path), "label": label}
+
+    def describe(index: np.ndarray) -> str:
+        return ", ".join(f"{split_dir}/{listing['files'][i]}" for i in index)
+    return indexed.Split(size=len(listing["files"]), fetch=fetch, example=example, describe=describe,
+                         fix="Replace or remove those files", is_jpeg=None)
+
+
+def FolderSource(config, process_index: int = 0, process_count: int = 1, batch_multiple: int = 1,  # noqa: N802
+                 workdir: str | None = None, resuming: bool = False, write_lists: bool = True):
+    """The train and eval splits of the image-folder tree `config.data.folder`. With a workdir, the
+    lists and the class map are kept there (by process 0, when `write_lists`); a resumed run
+    (`resuming`) reads them back."""
+    d = config.data
+    root = d.folder.rstrip("/")
+    write = write_lists and process_index == 0
+    common = dict(on_corrupt_image=d.on_corrupt_image, reuse=resuming, write=write)
+    train = file_list(f"{root}/{d.train_split}", "train", workdir, **common)
+    evaluation = file_list(f"{root}/{d.eval_split}", "eval", workdir, classes=train["classes"], **common)
+    classes_file = workdir_lib.path(workdir) / CLASSES if workdir else None
+    if classes_file is not None and write and not (resuming and classes_file.exists()):
+        workdir_lib.write_text(classes_file, json.dumps(train["classes"]))
+    return indexed.IndexedSource(config, split_of(train), split_of(evaluation), class_names=train["classes"],
+                                 process_index=process_index, process_count=process_count,
+                                 batch_multiple=batch_multiple)
