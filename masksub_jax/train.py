@@ -58,11 +58,18 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     batch_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------------------------------------
-    # Data: the train and eval splits, and the extra eval sets (each missing one named now).
-    processes = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                     batch_multiple=jax.device_count(), workdir=workdir, resuming=bool(checkpoints.steps()))
-    data = pipeline.make(config, **processes)
-    eval_sets = {"": data} | pipeline.make_extra_evals(config, data.class_names, **processes)
+    # Data: the train and eval splits, and the extra eval sets (each missing one named now). Process
+    # 0 goes first: it lists an image folder once and keeps the lists in the workdir for the others.
+    def data_sets(resuming):
+        processes = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                         batch_multiple=jax.device_count(), workdir=workdir, resuming=resuming)
+        data = pipeline.make(config, **processes)
+        return data, {"": data} | pipeline.make_extra_evals(config, data.class_names, **processes)
+    if is_chief:
+        data, eval_sets = data_sets(resuming=bool(checkpoints.steps()))
+    sharding.barrier("data listed")
+    if not is_chief:
+        data, eval_sets = data_sets(resuming=True)
     total_steps = config.total_steps
     if total_steps is None:
         if data.num_train_examples is None:

@@ -6,8 +6,8 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import linen as nn
 
+from masksub_jax import checkpoint, convert, evaluate, sharding, train
 from masksub_jax import config as config_lib
-from masksub_jax import evaluate, sharding, train
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
 from tests.conftest import mock_imagenet, tiny_digits_config
@@ -112,3 +112,14 @@ def test_the_moving_average_equals_a_numpy_recursion_over_5_steps_and_skips_a_no
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     assert not np.allclose(jax.tree.leaves(want)[0], jax.tree.leaves(params)[0])  # an average, not the weights
+
+
+def test_the_average_of_a_run_started_from_other_weights_starts_at_those_weights(digits_dir, tmp_path):
+    config = tiny_digits_config(digits_dir, total_steps=1, checkpoint_every_steps=1, **{"ema.decay": 0.25})
+    initial = jax.device_get(step_lib.make_model(config, 10).init(jax.random.PRNGKey(5), jnp.zeros((1, 8, 8, 1))))
+    convert.save_variables(initial, str(tmp_path / "init"))
+    config.init_from = str(tmp_path / "init")
+    train.run(config, str(tmp_path / "run"))
+    trained, average = (checkpoint.load_variables(str(tmp_path / "run"), ema=ema) for ema in (False, True))
+    for got, p0, p1 in zip(*(jax.tree.leaves(v) for v in (average, initial, trained)), strict=True):
+        np.testing.assert_allclose(got, 0.25 * p0 + 0.75 * p1, rtol=1e-6, atol=1e-7)
