@@ -48,7 +48,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from masksub_jax import config as config_lib  # noqa: E402
-from masksub_jax import masksub, models  # noqa: E402
+from masksub_jax import masksub, models, pixel_augment  # noqa: E402
 from masksub_jax import step as step_lib  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
@@ -57,7 +57,8 @@ flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
 flags.DEFINE_string("variant", None, "The family's variant, e.g. B/16 or T/4 (default: the config's).")
 flags.DEFINE_integer("image_size", None, "Image size (default: the config's).")
 flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES), "Compute dtype (default: the config's).")
-flags.DEFINE_list("modes", list(masksub.MODES), "Step kinds to measure.")
+flags.DEFINE_list("modes", list(masksub.MODES), "Step kinds to measure; MODE+pixels: with the recipe's per-pixel "
+                  "ops in the step (data.augment_on=device).")
 flags.DEFINE_float("ratio", 0.5, "MaskSub ratio of the masking, dropout and droppath modes.")
 flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
 flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs one step of every mode (input: batches, default 30).")
@@ -66,6 +67,8 @@ flags.DEFINE_bool("memory_lean", False, "Measure the memory-lean MaskSub order."
 flags.DEFINE_string("json", None, "Also write the results to this file as a JSON list.")
 flags.DEFINE_list("recipes", ["3augment", "rand-m9-mstd0.5-inc1"], "input: data.augment recipes to measure.")
 flags.DEFINE_list("sources", ["tfds"], "input: tfds (array_record) and/or folder (the same JPEG files as a tree).")
+flags.DEFINE_list("augment_on", ["host"], "input: where the per-pixel ops run, host and/or device (then the host "
+                  "pipeline stops after the flip).")
 flags.DEFINE_integer("files", 100_000, "listing: files in the tree.")
 flags.DEFINE_string("data_dir", os.path.join(os.path.expanduser("~"), ".cache", "masksub_jax", "generated"),
                     "input: where the generated JPEG data set is built (once).")
@@ -115,11 +118,17 @@ def _peak_memory(compiled) -> int | None:
 
 
 class StepRunner:
-    """One mode's train step on a synthetic batch: built, compiled and warmed up on creation."""
+    """One mode's train step on a synthetic batch: built, compiled and warmed up on creation. A mode
+    "MODE+pixels" is MODE with the recipe's per-pixel ops in the step (data.augment_on=device;
+    3-Augment unless the config's recipe is another that can run there)."""
 
     def __init__(self, config, mode: str, *, ratio: float, num_classes: int, warmup: int):
         c = self.config = config.copy_and_resolve_references()
+        mode, _, extra = mode.partition("+")
         c.masksub.mode, c.masksub.ratio = mode, (0.0 if mode == "none" else ratio)
+        if extra == "pixels":
+            c.data.source, c.data.augment_on = "tfds", "device"
+            c.data.augment = c.data.augment if c.data.augment in pixel_augment.RECIPES else "3augment"
         shape = (c.batch_size, c.data.image_size, c.data.image_size, len(c.data.mean))
         data_rng = np.random.default_rng(0)
         self.batch = {"image": jax.device_put(data_rng.integers(0, 256, shape, dtype=np.uint8)),
@@ -191,20 +200,22 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure_input(config, recipes, *, data_dir: str, rounds: int, sources=("tfds",),
+def measure_input(config, recipes, *, data_dir: str, rounds: int, sources=("tfds",), augment_on=("host",),
                   generated_config: str = "imagenet_like") -> list[dict]:
-    """Train-pipeline throughput of each recipe on generated JPEGs, from each source; one dict per
-    (recipe, source). The batches the pipeline prepares ahead are drawn before the clock starts, so
-    `rounds` are made while timed."""
+    """Train-pipeline throughput of each recipe on generated JPEGs, from each source, with the
+    per-pixel ops on the host and/or left to the device; one dict per (recipe, where, source). The
+    batches the pipeline prepares ahead are drawn before the clock starts, so `rounds` are made
+    while timed."""
     import tensorflow as tf
 
     from masksub_jax.data import generated, indexed, pipeline
     name = generated.prepare(generated_config, data_dir)
     folder = _as_folder(name, data_dir) if "folder" in sources else None
     results = []
-    for recipe, source in ((r, s) for r in recipes for s in sources):
+    for recipe, where, source in ((r, w, s) for r in recipes for w in augment_on for s in sources):
         c = config.copy_and_resolve_references()
         c.data.source, c.data.name, c.data.data_dir, c.data.augment = source, name, data_dir, recipe
+        c.data.augment_on = where
         c.data.folder, c.data.eval_split = folder, ("val" if source == "folder" else c.data.eval_split)
         config_lib.validate(c)
         batches = pipeline.make(c).train_batches()
@@ -216,12 +227,24 @@ def measure_input(config, recipes, *, data_dir: str, rounds: int, sources=("tfds
         wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu
         images = rounds * c.batch_size
         results.append({
-            "recipe": recipe, "source": source, "image_size": c.data.image_size, "batch": c.batch_size,
+            "recipe": recipe, "augment_on": where, "source": source, "image_size": c.data.image_size,
+            "batch": c.batch_size, "cpu": _cpu_name(),
             "images": images,
             "wall_s": wall, "cpu_s": cpu_s, "images_per_s": images / wall, "images_per_s_per_core": images / cpu_s,
             "cores_busy": cpu_s / wall, "cores_available": len(os.sched_getaffinity(0)),
             "data": name, "tensorflow": tf.__version__, "host": platform.node()})
     return results
+
+
+def _cpu_name() -> str:
+    """The CPU model and whether it has AVX-512 (per-core input rates move 2x between hosts)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {'with' if ' avx512f' in info else 'without'} AVX-512"
 
 
 def _as_folder(name: str, data_dir: str) -> str:
@@ -244,10 +267,12 @@ def _as_folder(name: str, data_dir: str) -> str:
 def format_input_table(results: list[dict], feed_rate: float = 2042.0) -> str:
     lines = [f"Train input pipeline at {results[0]['image_size']} px, batch {results[0]['batch']}, "
              f"{results[0]['data']}, {results[0]['cores_available']} cores available",
-             f"{'recipe':<24} {'source':<7} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} "
+             f"{results[0]['cpu']}",
+             f"{'recipe':<24} {'pixels':<7} {'source':<7} {'img/s':>8} {'cores busy':>10} {'img/s/core':>10} "
              f"{f'cores for {feed_rate:.0f} img/s':>22}"]
     for r in results:
-        lines.append(f"{r['recipe']:<24} {r['source']:<7} {r['images_per_s']:>8.1f} {r['cores_busy']:>10.2f} "
+        lines.append(f"{r['recipe']:<24} {r['augment_on']:<7} {r['source']:<7} {r['images_per_s']:>8.1f} "
+                     f"{r['cores_busy']:>10.2f} "
                      f"{r['images_per_s_per_core']:>10.1f} {feed_rate / r['images_per_s_per_core']:>22.1f}")
     return "\n".join(lines)
 
@@ -342,12 +367,12 @@ def main(argv):
         _write_json([result], f.json)
         return
     if argv[1] == "input":
-        results = measure_input(config, f.recipes, data_dir=f.data_dir, sources=f.sources,
+        results = measure_input(config, f.recipes, data_dir=f.data_dir, sources=f.sources, augment_on=f.augment_on,
                                 rounds=f.rounds if f["rounds"].present else 30)
         print(format_input_table(results), flush=True)
         _write_json(results, f.json)
         return
-    unknown = set(f.modes) - set(masksub.MODES)
+    unknown = {mode.removesuffix("+pixels") for mode in f.modes} - set(masksub.MODES)
     if unknown:
         raise app.UsageError(f"Unknown modes {sorted(unknown)}; use some of {masksub.MODES}.")
     results = measure_steps(config, f.modes, ratio=f.ratio, num_classes=f.num_classes, rounds=f.rounds,

@@ -47,6 +47,10 @@ def base() -> ml_collections.ConfigDict:
     # "rand-m9-mstd0.5-inc1", or "crop_flip" (colour jitter only). See data/augment.py.
     c.data.augment = "3augment"
     c.data.color_jitter = 0.3  # brightness, contrast and saturation strength; 0 = none; unused with RandAugment
+    # Where 3-Augment's and colour jitter's per-pixel ops run: "host" (tf.data, with the crop) or
+    # "device" (batched in the train step; the host only decodes, crops, resizes and flips). Either
+    # draws from the seed and the step alone. RandAugment always runs on the host. pixel_augment.py.
+    c.data.augment_on = "host"
     c.data.random_erasing = 0.0  # probability per image (timm, pixel mode), applied on the device
     c.data.repeated_aug = 3  # source=tfds: copies of each image per epoch (DeiT's RASampler); 1 = off
     c.data.on_corrupt_image = "fail"  # source=tfds: "fail" naming the example's id, or "skip" it with a warning
@@ -321,6 +325,7 @@ def validate(config, num_devices: int = 1) -> None:
         except ValueError as e:
             raise ValueError(f"Config data.augment={c.data.augment!r} is invalid: use one of {AUGMENT_RECIPES} "
                              f"or a RandAugment spec. {e}") from None
+    _require(c.data.augment_on in ("host", "device"), "data.augment_on", c.data.augment_on, "use 'host' or 'device'")
     _require(0 <= c.data.color_jitter < 1, "data.color_jitter", c.data.color_jitter, "must be in [0, 1)")
     _require(0 <= c.data.random_erasing <= 1, "data.random_erasing", c.data.random_erasing, "must be in [0, 1]")
     _require(1 <= c.data.repeated_aug <= c.batch_size, "data.repeated_aug", c.data.repeated_aug,

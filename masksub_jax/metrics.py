@@ -82,29 +82,37 @@ def make_writer(workdir: str, is_chief: bool, start_step: int = 0) -> metric_wri
 
 
 class Progress:
-    """Console progress: step, losses of both branches, examples/s and ETA since the last report."""
+    """Console progress: step, losses of both branches, examples/s, ETA and the share of the time
+    spent waiting for input since the last report."""
 
     def __init__(self, total_steps: int, batch_size: int, start_step: int):
         self.total_steps, self.batch_size = total_steps, batch_size
-        self._last_step, self._last_time = start_step, time.perf_counter()
+        self._last_step, self._last_time, self._waited = start_step, time.perf_counter(), 0.0
+        self.input_wait = None  # of the last interval `rate` closed
 
     def restart(self, step: int) -> float:
         """Starts the next interval at `step` (after compiling or evaluating, whose time is not the
         steps'); returns the seconds since the last interval began."""
         now = time.perf_counter()
-        elapsed, self._last_step, self._last_time = now - self._last_time, step, now
+        elapsed, self._last_step, self._last_time, self._waited = now - self._last_time, step, now, 0.0
         return elapsed
 
+    def waited(self, seconds: float) -> None:
+        """The loop waited `seconds` for the next batch (the device had nothing queued to run then)."""
+        self._waited += seconds
+
     def rate(self, step: int) -> float | None:
-        """Steps per second since the interval began (None if no step since); starts the next one."""
-        steps = step - self._last_step
+        """Steps per second since the interval began (None if no step since); sets `input_wait`, the
+        interval's share of time the loop waited for batches; starts the next interval."""
+        steps, waited = step - self._last_step, self._waited
         elapsed = self.restart(step)
+        self.input_wait = min(waited / max(elapsed, 1e-9), 1.0) if steps else None
         return steps / max(elapsed, 1e-9) if steps else None
 
     def line(self, step: int, scalars: dict, steps_per_s: float | None) -> str:
         if steps_per_s:
             eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_s))
-            speed = f"{steps_per_s * self.batch_size:.0f} ex/s | ETA {eta}"
+            speed = f"{steps_per_s * self.batch_size:.0f} ex/s | input wait {self.input_wait:.0%} | ETA {eta}"
         else:
             speed = "ex/s and ETA at the next log step"
         return (f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} "

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from masksub_jax import erasing, losses, masksub, mixing, models, optim
+from masksub_jax import erasing, losses, masksub, mixing, models, optim, pixel_augment
 from masksub_jax.models import layers
 
 
@@ -67,14 +67,16 @@ def normaliser(config):
 
 
 def make_augment(config, num_classes: int):
-    """(batch, rng) -> (images, targets, rng_loss): the train step's normalised images after random
-    erasing and mixup, their targets, and the key its loss draws from."""
+    """(batch, rng) -> (images, targets, rng_loss): the train step's normalised images after the
+    recipe's per-pixel ops (when they run on the device), random erasing and mixup, their targets,
+    and the key its loss draws from."""
     normalise = normaliser(config)
+    pixel_ops = pixel_augment.make(config.data)
 
     def augment(batch, rng):
         rng_mix, rng_loss = jax.random.split(rng)
-        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(batch["image"]),
-                                        config.data.random_erasing)
+        images = batch["image"] if pixel_ops is None else pixel_ops(batch["image"], jax.random.fold_in(rng, 3))
+        images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(images), config.data.random_erasing)
         images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
                                      label_smoothing=config.label_smoothing, **config.mixup.to_dict())
         return images, targets, rng_loss

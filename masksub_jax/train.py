@@ -152,7 +152,10 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     say("compiling the train step...")
     with preemption.Watch(checkpoints, jax.process_count()) as watch:
         while step < total_steps:
-            batch, step_rng = next(batches), jax.random.fold_in(state["rng"], step)
+            waiting_since = time.perf_counter()
+            batch = next(batches)
+            progress.waited(time.perf_counter() - waiting_since)
+            step_rng = jax.random.fold_in(state["rng"], step)
             state, step_metrics = train_step(state, batch, step_rng)
             if step == start_step:
                 jax.block_until_ready(step_metrics)
@@ -173,6 +176,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 steps_per_s = progress.rate(step)
                 if steps_per_s:
                     scalars["examples_per_s"] = steps_per_s * config.batch_size
+                    scalars["input_wait"] = progress.input_wait
                 writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                 if first_inputs is not None:  # what the branches of this session's first step saw
                     inputs, sub_inputs = jax.device_get(first_inputs)

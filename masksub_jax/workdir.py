@@ -20,8 +20,8 @@ from etils import epath
 # What cannot change between a run and its resumption without breaking the checkpoint or the run.
 # The data order and augmentations are a function of these and the step (data/indexed.py).
 RUN_DEFINING = ("seed", "model.family", "model.variant", "data.source", "data.name", "data.folder",
-                "data.train_split", "data.image_size", "data.augment", "data.color_jitter", "data.repeated_aug",
-                "batch_size", "ema.decay")
+                "data.train_split", "data.image_size", "data.augment", "data.augment_on", "data.color_jitter",
+                "data.repeated_aug", "batch_size", "ema.decay")
 # Keys that change how a run is carried out or reported, not the weights it ends with.
 NO_EFFECT_ON_WEIGHTS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                         "eval_batch_size", "data.data_dir", "data.extra_evals", "data.on_corrupt_image",

@@ -152,7 +152,7 @@ def test_other_modes_train(digits_dir, tmp_path, mode, capsys):
     out = capsys.readouterr().out.splitlines()
     first = out.index("compiling the train step...")
     assert out[first + 1].startswith("compiled and ran the first step in ")
-    assert out[first + 2].startswith("step 2/4 |") and "ex/s | ETA" in out[first + 2]  # the first step left out
+    assert out[first + 2].startswith("step 2/4 |") and "ex/s | input wait " in out[first + 2]  # the first step left out
     assert out[-2] == "evaluating 300 examples..."
     logged = [m for m in _metrics(str(tmp_path)) if "train/loss" in m]
     assert summary["step"] == 4 and len(logged) == 2

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from masksub_jax import pixel_augment
 from masksub_jax.data import augment, randaugment
 from masksub_jax.data.pipeline import Batch, CorruptImageError, capped_eval_batch_size
 
@@ -71,14 +72,18 @@ def batch_layout(batch_size: int, repeats: int) -> np.ndarray:
 
 
 def train_transform(data_config):
-    """(image bytes, seed) -> uint8 image for the recipe `data_config.augment` names."""
+    """(image bytes, seed) -> uint8 image for the recipe `data_config.augment` names (up to the
+    flip when the per-pixel rest runs on the device: pixel_augment.py)."""
     d = data_config
     spec = randaugment.parse(d.augment) if d.augment.startswith("rand") else None
+    pixels_on_device = pixel_augment.on_device(d)
 
     def transform(image_bytes, seed, *, is_jpeg: bool | None):
         crop, flip, recipe = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         image = augment.random_resized_crop(image_bytes, crop, size=d.image_size, is_jpeg=is_jpeg)
         image = augment.flip(image, flip)
+        if pixels_on_device:
+            return image
         if d.augment == "3augment":
             return augment.three_augment(image, recipe, jitter=d.color_jitter)
         if spec is not None:
