@@ -119,8 +119,7 @@ def _peak_memory(compiled) -> int | None:
 
 class StepRunner:
     """One mode's train step on a synthetic batch: built, compiled and warmed up on creation. A mode
-    "MODE+pixels" is MODE with the recipe's per-pixel ops in the step (data.augment_on=device;
-    3-Augment unless the config's recipe is another that can run there)."""
+    "MODE+pixels" is MODE with the resize and the config's recipe in the step (data.augment_on=device)."""
 
     def __init__(self, config, mode: str, *, ratio: float, num_classes: int, warmup: int):
         c = self.config = config.copy_and_resolve_references()
@@ -128,11 +127,15 @@ class StepRunner:
         c.masksub.mode, c.masksub.ratio = mode, (0.0 if mode == "none" else ratio)
         if extra == "pixels":
             c.data.source, c.data.augment_on = "tfds", "device"
-            c.data.augment = c.data.augment if c.data.augment in pixel_augment.RECIPES else "3augment"
         shape = (c.batch_size, c.data.image_size, c.data.image_size, len(c.data.mean))
         data_rng = np.random.default_rng(0)
         self.batch = {"image": jax.device_put(data_rng.integers(0, 256, shape, dtype=np.uint8)),
                       "label": jax.device_put(data_rng.integers(0, num_classes, shape[0]).astype(np.int32))}
+        if pixel_augment.on_device(c.data):  # what the host hands over then: crops on canvases, and their sizes
+            canvas = pixel_augment.canvas_size(c.data)
+            self.batch["image"] = jax.device_put(data_rng.integers(0, 256, (shape[0], canvas, canvas, 3), np.uint8))
+            self.batch["crop_size"] = jax.device_put(
+                data_rng.integers(shape[1] // 2, canvas + 1, (shape[0], 2)).astype(np.int32))
         self.rng = jax.random.PRNGKey(1)
         model = step_lib.make_model(c, num_classes)
         tx, schedule = step_lib.make_optimizer(c, total_steps=1000, steps_per_epoch=100)

@@ -49,7 +49,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.color_jitter = 0.3  # brightness, contrast and saturation strength; 0 = none; unused with RandAugment
     # Where 3-Augment's and colour jitter's per-pixel ops run: "host" (tf.data, with the crop) or
     # "device" (batched in the train step; the host only decodes, crops, resizes and flips). Either
-    # draws from the seed and the step alone. RandAugment always runs on the host. pixel_augment.py.
+    # draws from the seed and the step alone. pixel_augment.py.
     c.data.augment_on = "host"
     c.data.random_erasing = 0.0  # probability per image (timm, pixel mode), applied on the device
     c.data.repeated_aug = 3  # source=tfds: copies of each image per epoch (DeiT's RASampler); 1 = off

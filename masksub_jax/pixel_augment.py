@@ -1,28 +1,62 @@
 """The per-pixel part of the train recipes, batched on the device (config.data.augment_on="device").
 
-The host then only reads, decodes, crops, resizes and flips (`data/indexed.py`); what 3-Augment and
-colour jitter do to the fixed-size uint8 images runs here, in the jitted train step next to random
-erasing and mixup, where it costs microseconds per batch instead of most of a host core per 200
-images. Each op is `data/augment.py`'s (which is tested against PIL) on a batch: float math, the
-result rounded and clipped to 0-255 after each op as there. Example i of the global batch draws its
-choices from fold_in(key, i), so neither the device count nor a resume changes an image.
-
-RandAugment stays on the host: its geometric and photometric ops come in a random order per image.
+The host then only reads, decodes and crops (RandomResizedCrop's window), flips, and places the crop
+on a canvas of twice the image size (`data/indexed.py`; a larger crop is resized there as on the
+host path). Here, in the jitted train step next to random erasing and mixup: the antialiased
+bicubic resize of each crop to the image size (the host's costliest op), then what 3-Augment,
+colour jitter or RandAugment (`pixel_randaugment.py`) do to the pixels. Each op is
+`data/augment.py`'s (tested against PIL) on a batch: float math, rounded and clipped to 0-255 after
+each op as there. Example i of the global batch draws its choices from fold_in(key, i), so neither
+the device count nor a resume changes an image.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # as data/augment.py (PIL's convert("L"))
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 _BLUR_HALF_WIDTH = 6  # ceil(3 * max sigma), as data/augment.py
-RECIPES = ("3augment", "crop_flip")  # what can run here; RandAugment cannot
 SOURCES = ("tfds", "folder")  # the sources that augment (digits and synthetic are used as they are)
+
+
+def canvas_size(data_config) -> int:
+    """The side of the square the host puts each crop on: crops up to it are resized here."""
+    return 2 * data_config.image_size
 
 
 def on_device(data_config) -> bool:
     """Whether the config's per-pixel ops run in the train step rather than on the host."""
     d = data_config
-    return d.augment_on == "device" and d.augment in RECIPES and d.source in SOURCES
+    return d.augment_on == "device" and d.source in SOURCES
+
+
+def _keys_cubic(x, a=-0.5):
+    """Keys' cubic convolution kernel (TensorFlow's and PIL's bicubic), of |x|."""
+    return jnp.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                     jnp.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+def resize_weights(length, size: int, out: int):
+    """[out, size] weights of an antialiased bicubic resize of the first `length` (traced) of `size`
+    input pixels to `out` (TensorFlow's ScaleAndTranslate with half-pixel centres): taps beyond
+    `length` get no weight and each row is renormalised, as at an image's edge."""
+    inv_scale = length.astype(jnp.float32) / out
+    kernel_scale = jnp.maximum(inv_scale, 1.0)  # antialias: the kernel widens when shrinking
+    centre = (jnp.arange(out, dtype=jnp.float32) + 0.5) * inv_scale - 0.5
+    weights = _keys_cubic(jnp.abs(centre[:, None] - jnp.arange(size, dtype=jnp.float32)[None]) / kernel_scale)
+    weights = jnp.where(jnp.arange(size)[None] < length, weights, 0.0)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def resize(canvas, crop_size, out: int):
+    """Each example's crop (top-left `crop_size` of its canvas [B, C, C, 3]) resized to out x out,
+    rounded (augment.random_resized_crop's resize, on the device)."""
+    size = canvas.shape[1]
+    rows = jax.vmap(resize_weights, (0, None, None))(crop_size[:, 0], size, out)
+    cols = jax.vmap(resize_weights, (0, None, None))(crop_size[:, 1], size, out)
+    x = jnp.einsum("boh,bhwc->bowc", rows, canvas.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return to_pixels(jnp.einsum("bpw,bowc->bopc", cols, x, precision=jax.lax.Precision.HIGHEST))
 
 
 def to_pixels(x):
@@ -111,16 +145,22 @@ def three_augment(x, keys, *, jitter: float):
 
 
 def make(data_config):
-    """(uint8 images [B, H, W, 3], key) -> the recipe's per-pixel ops applied, float32 in 0-255;
-    None when the config leaves them on the host (or has none)."""
+    """(batch, key) -> the batch's images resized and with the recipe's per-pixel ops applied,
+    float32 in 0-255 (the batch holds canvases and crop sizes); None when the config leaves all of
+    it on the host."""
+    from masksub_jax import pixel_randaugment
+    from masksub_jax.data import randaugment
     d = data_config
-    if not on_device(d) or (d.augment == "crop_flip" and d.color_jitter == 0):
+    if not on_device(d):
         return None
+    rand_spec = randaugment.parse(d.augment) if d.augment.startswith("rand") else None
 
-    def augment(images, key):
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
-        x = images.astype(jnp.float32)
+    def augment(batch, key):
+        x = resize(batch["image"], batch["crop_size"], d.image_size)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
         if d.augment == "3augment":
             return three_augment(x, keys, jitter=d.color_jitter)
-        return color_jitter(x, keys, d.color_jitter)
+        if rand_spec is not None:
+            return jax.vmap(functools.partial(pixel_randaugment.rand_augment, spec=rand_spec))(x, keys)
+        return color_jitter(x, keys, d.color_jitter) if d.color_jitter > 0 else x
     return augment

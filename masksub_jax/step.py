@@ -75,7 +75,7 @@ def make_augment(config, num_classes: int):
 
     def augment(batch, rng):
         rng_mix, rng_loss = jax.random.split(rng)
-        images = batch["image"] if pixel_ops is None else pixel_ops(batch["image"], jax.random.fold_in(rng, 3))
+        images = batch["image"] if pixel_ops is None else pixel_ops(batch, jax.random.fold_in(rng, 3))
         images = erasing.random_erasing(jax.random.fold_in(rng, 2), normalise(images), config.data.random_erasing)
         images, targets = mixing.mix(rng_mix, images, batch["label"], num_classes=num_classes,
                                      label_smoothing=config.label_smoothing, **config.mixup.to_dict())

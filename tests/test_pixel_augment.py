@@ -1,6 +1,7 @@
 """The per-pixel ops on the device (data.augment_on="device"): each equals its host version (which
 tests/test_augment.py checks against PIL), the random choices have the recipe's distribution, an
 example's augmentation depends on its index alone, and the host stops after the flip."""
+import functools
 import time
 
 import jax
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from masksub_jax import pixel_augment, sharding, train
+from masksub_jax import pixel_augment, pixel_randaugment, sharding, train
 from masksub_jax import step as step_lib
-from masksub_jax.data import augment, generated, pipeline
+from masksub_jax.data import augment, generated, pipeline, randaugment
 from tests.conftest import tiny_digits_config
 
 IMAGES = generated._colour_field(np.random.default_rng(0), (32, 33), (40, 41))[None].repeat(4, 0)
@@ -20,9 +21,10 @@ FACTORS = np.array([0.7, 0.9, 1.1, 1.3], np.float32)
 
 
 def _assert_equal_pixels(device, host):
-    """Equal, but for a rare pixel one level apart (float sums in another order round the other way)."""
+    """Equal, but for a rare pixel one level apart (float sums in another order round the other way);
+    tests/test_augment.py holds the host ops to at most one level from PIL's anywhere."""
     diff = np.abs(np.asarray(device, np.int32) - np.asarray(host, np.int32))
-    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 5e-3, (diff.max(), np.mean(diff > 0))
 
 
 @pytest.mark.parametrize("name", ["grayscale", "solarize", "gaussian_blur", "adjust_brightness", "adjust_contrast",
@@ -85,7 +87,8 @@ def test_an_example_is_augmented_by_its_index_alone_on_any_number_of_devices():
     config = _device_config()
     augment_fn = jax.jit(step_lib.make_augment(config, 10))
     rng = np.random.default_rng(2)
-    batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), "label": np.arange(8, dtype=np.int32)}
+    batch = {"image": rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), "label": np.arange(8, dtype=np.int32),
+             "crop_size": rng.integers(16, 65, (8, 2)).astype(np.int32)}
     one, _, _ = augment_fn(batch, jax.random.PRNGKey(4))
     mesh = sharding.make_mesh(1)
     sharded, _, _ = augment_fn(sharding.to_global(batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(4))
@@ -94,8 +97,10 @@ def test_an_example_is_augmented_by_its_index_alone_on_any_number_of_devices():
     other["image"][[0, 1, 2, 4, 5, 6, 7]] = 0  # every example but 3 changed
     changed, _, _ = augment_fn(other, jax.random.PRNGKey(4))
     np.testing.assert_array_equal(np.asarray(changed)[3], np.asarray(one)[3])
+    resized = pixel_augment.resize(jnp.asarray(batch["image"]), jnp.asarray(batch["crop_size"]), 32)
     host, _, _ = jax.jit(step_lib.make_augment(_device_config(**{"data.augment_on": "host"}), 10))(
-        batch, jax.random.PRNGKey(4))
+        {**batch, "image": np.asarray(resized, np.uint8)}, jax.random.PRNGKey(4))
+    assert one.shape == host.shape == (8, 32, 32, 3)
     assert not np.allclose(np.asarray(host), np.asarray(one))  # the host path's step leaves the pixels
 
 
@@ -105,14 +110,31 @@ def jpegs(tmp_path_factory):
     return data_dir, generated.prepare("tiny", data_dir)
 
 
-def test_with_the_ops_on_the_device_the_host_stops_after_the_flip_and_a_run_trains(jpegs, tmp_path):
+def test_the_device_resize_equals_the_hosts_on_crops_of_every_size():
+    rng = np.random.default_rng(3)
+    canvas = np.zeros((5, 64, 64, 3), np.uint8)
+    sizes = np.array([[64, 64], [33, 50], [32, 32], [20, 9], [64, 17]], np.int32)  # shrink, keep, enlarge
+    want = []
+    for i, (h, w) in enumerate(sizes):
+        canvas[i, :h, :w] = generated._colour_field(rng, (h, h + 1), (w, w + 1))
+        want.append(augment.to_uint8(augment.resize(tf.constant(canvas[i, :h, :w]), (32, 32))).numpy())
+    got = pixel_augment.resize(jnp.asarray(canvas), jnp.asarray(sizes), 32)
+    _assert_equal_pixels(got, np.stack(want))
+    np.testing.assert_array_equal(np.asarray(got)[2], canvas[2, :32, :32])  # 32 -> 32 leaves the pixels
+
+
+def test_with_the_ops_on_the_device_the_host_stops_after_crop_and_flip_and_a_run_trains(jpegs, tmp_path):
     data_dir, name = jpegs
     common = {"data.name": name, "data.data_dir": data_dir, "data.repeated_aug": 1}
     device = pipeline.make(_device_config(**common)).train_batches()
     plain = pipeline.make(_device_config(**common, **{"data.augment_on": "host", "data.augment": "crop_flip",
                                                       "data.color_jitter": 0.0})).train_batches()
     for _ in range(2):
-        np.testing.assert_array_equal(next(device)["image"], next(plain)["image"])
+        batch, want = next(device), next(plain)["image"]
+        assert batch["image"].shape == (8, 64, 64, 3) and batch["crop_size"].shape == (8, 2)
+        assert (batch["crop_size"] <= 64).all() and (batch["crop_size"] > 0).all()
+        _assert_equal_pixels(pixel_augment.resize(jnp.asarray(batch["image"]), jnp.asarray(batch["crop_size"]), 32),
+                             want)
     summary = train.run(_device_config(total_steps=3, checkpoint_every_steps=3, log_every_steps=1, **common,
                                        **{"data.image_size": 16}), str(tmp_path))
     assert summary["step"] == 3 and np.isfinite(summary["history"][-2]["train/loss"])
@@ -131,3 +153,41 @@ def test_an_input_bound_run_says_how_much_of_the_time_it_waited_for_input(digits
     waits = [r["train/input_wait"] for r in summary["history"] if "train/input_wait" in r]
     assert len(waits) == 2 and min(waits) > 0.5, waits
     assert "| input wait " in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# RandAugment.
+
+@pytest.mark.parametrize("name", sorted(randaugment.OP_TABLE))
+def test_each_device_randaugment_op_equals_its_host_version(name):
+    for i, magnitude in enumerate((3.0, 9.0)):
+        for sign in (1.0, -1.0):
+            want = randaugment.apply_op(name, tf.constant(IMAGES[i]), magnitude, sign).numpy()
+            got = jax.jit(functools.partial(pixel_randaugment.apply_op, name))(
+                jnp.asarray(IMAGES[i], jnp.float32), magnitude, sign)
+            _assert_equal_pixels(got[None], want[None])
+
+
+def test_randaugment_draws_have_the_specs_distribution():
+    spec = randaugment.parse("rand-m9-mstd0.5-inc1")
+    n = 4000
+    choices, applied, magnitudes, signs = map(np.asarray, jax.vmap(
+        functools.partial(pixel_randaugment.draws, spec=spec))(_keys(n)))
+    assert choices.shape == (n, 2)
+    _, counts = np.unique(choices, return_counts=True)
+    assert len(counts) == 15 and np.allclose(counts / (2 * n), 1 / 15, atol=0.01)
+    assert abs(applied.mean() - 0.5) < 0.02 and abs((signs > 0).mean() - 0.5) < 0.02
+    assert abs(magnitudes.mean() - 9) < 0.03 and abs(magnitudes.std() - 0.5) < 0.03 and magnitudes.max() <= 10
+
+
+def test_device_randaugment_applies_a_drawn_op_or_none_per_layer():
+    spec = randaugment.parse("rand-m9-n1-p0.5")
+    x = jnp.asarray(np.repeat(IMAGES[:1], 64, 0), jnp.float32)
+    keys = _keys(64, seed=5)
+    out = np.asarray(jax.vmap(functools.partial(pixel_randaugment.rand_augment, spec=spec))(x, keys))
+    choices, applied, magnitudes, signs = map(np.asarray, jax.vmap(
+        functools.partial(pixel_randaugment.draws, spec=spec))(keys))
+    for i in range(64):
+        want = (pixel_randaugment.apply_op(spec.ops[choices[i, 0]], x[0], magnitudes[i, 0], signs[i, 0])
+                if applied[i, 0] else x[0])
+        _assert_equal_pixels(out[i][None], np.asarray(want)[None])

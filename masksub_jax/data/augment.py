@@ -70,8 +70,13 @@ def crop_window(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
 
 
 def random_resized_crop(image_bytes, seed, *, size: int, is_jpeg: bool | None):
-    """A random crop (`crop_window`) resized to size x size. is_jpeg=None: JPEGs (by their first
-    bytes) are decoded only inside the crop, other formats (PNG) whole."""
+    """A random crop (`crop_window`) resized to size x size."""
+    return to_uint8(resize(random_crop(image_bytes, seed, is_jpeg=is_jpeg), (size, size)))
+
+
+def random_crop(image_bytes, seed, *, is_jpeg: bool | None):
+    """RandomResizedCrop's crop (`crop_window`), decoded, not resized. is_jpeg=None: JPEGs (by their
+    first bytes) are decoded only inside the crop, other formats (PNG) whole."""
     def jpeg():
         shape = tf.image.extract_jpeg_shape(image_bytes)
         top, left, h, w = crop_window(seed, shape[0], shape[1])
@@ -82,10 +87,8 @@ def random_resized_crop(image_bytes, seed, *, size: int, is_jpeg: bool | None):
         top, left, h, w = crop_window(seed, tf.shape(image)[0], tf.shape(image)[1])
         return image[top:top + h, left:left + w]
     if is_jpeg is None:
-        image = tf.cond(tf.strings.substr(image_bytes, 0, 3) == JPEG_MAGIC, jpeg, other)
-    else:
-        image = jpeg() if is_jpeg else other()
-    return to_uint8(resize(image, (size, size)))
+        return tf.cond(tf.strings.substr(image_bytes, 0, 3) == JPEG_MAGIC, jpeg, other)
+    return jpeg() if is_jpeg else other()
 
 
 def resize_and_centre_crop(image_bytes, *, size: int, crop_ratio: float):

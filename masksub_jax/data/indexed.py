@@ -71,24 +71,47 @@ def batch_layout(batch_size: int, repeats: int) -> np.ndarray:
     return np.argsort(np.arange(batch_size) % repeats, kind="stable")
 
 
+def train_features(data_config) -> dict[str, tf.TensorSpec]:
+    """What the train transform gives per example: the image, and with the per-pixel ops on the
+    device the flipped crop on a canvas and its size (pixel_augment.py resizes it there)."""
+    d = data_config
+    if pixel_augment.on_device(d):
+        canvas = pixel_augment.canvas_size(d)
+        return {"image": tf.TensorSpec([canvas, canvas, 3], tf.uint8), "crop_size": tf.TensorSpec([2], tf.int32)}
+    return {"image": tf.TensorSpec([d.image_size, d.image_size, 3], tf.uint8)}
+
+
 def train_transform(data_config):
-    """(image bytes, seed) -> uint8 image for the recipe `data_config.augment` names (up to the
-    flip when the per-pixel rest runs on the device: pixel_augment.py)."""
+    """(image bytes, seed) -> `train_features`: the uint8 image of the recipe `data_config.augment`
+    names, or with the per-pixel ops on the device only the flipped crop (on a canvas)."""
     d = data_config
     spec = randaugment.parse(d.augment) if d.augment.startswith("rand") else None
-    pixels_on_device = pixel_augment.on_device(d)
+    size = d.image_size
+
+    def on_canvas(image, flip):
+        """The crop flipped and padded to the canvas; a crop larger than the canvas is resized here
+        (as on the host path), and then passes the device's resize unchanged."""
+        canvas = pixel_augment.canvas_size(d)
+        too_large = tf.reduce_max(tf.shape(image)[:2]) > canvas
+        image = tf.cond(too_large, lambda: augment.to_uint8(augment.resize(image, (size, size))), lambda: image)
+        image = augment.flip(image, flip)
+        crop_size = tf.shape(image)[:2]
+        image = tf.pad(image, [[0, canvas - crop_size[0]], [0, canvas - crop_size[1]], [0, 0]])
+        return {"image": tf.ensure_shape(image, [canvas, canvas, 3]), "crop_size": crop_size}
 
     def transform(image_bytes, seed, *, is_jpeg: bool | None):
         crop, flip, recipe = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-        image = augment.random_resized_crop(image_bytes, crop, size=d.image_size, is_jpeg=is_jpeg)
-        image = augment.flip(image, flip)
-        if pixels_on_device:
-            return image
+        image = augment.random_crop(image_bytes, crop, is_jpeg=is_jpeg)
+        if pixel_augment.on_device(d):
+            return on_canvas(image, flip)
+        image = augment.flip(augment.to_uint8(augment.resize(image, (size, size))), flip)
         if d.augment == "3augment":
-            return augment.three_augment(image, recipe, jitter=d.color_jitter)
-        if spec is not None:
-            return randaugment.rand_augment(image, recipe, spec)
-        return augment.color_jitter(image, recipe, d.color_jitter) if d.color_jitter > 0 else image
+            image = augment.three_augment(image, recipe, jitter=d.color_jitter)
+        elif spec is not None:
+            image = randaugment.rand_augment(image, recipe, spec)
+        elif d.color_jitter > 0:
+            image = augment.color_jitter(image, recipe, d.color_jitter)
+        return {"image": image}
     return transform
 
 
@@ -102,7 +125,8 @@ class IndexedSource:
         self.config, self.process_index, self.process_count = config, process_index, process_count
         self.train, self.evaluation = train, evaluation
         self.class_names, self.num_classes = list(class_names), len(class_names)
-        self.image_shape = (d.image_size, d.image_size, 3)
+        self.image_shape = (d.image_size, d.image_size, 3)  # what the model sees
+        self.train_features = train_features(d)
         self.num_train_examples = train.size if train else None
         self.num_eval_examples = evaluation.size
         self.eval_batch_size = capped_eval_batch_size(config.eval_batch_size, self.num_eval_examples, batch_multiple)
@@ -143,8 +167,8 @@ class IndexedSource:
         requests = tf.data.Dataset.range(start_step, 2**62).map(self.train_request)
         local = self.config.batch_size // self.process_count
         transform = functools.partial(self.transform, is_jpeg=self.train.is_jpeg)
-        for index, done in self._read_and_preprocess(requests, self.train, transform, local):
-            yield self._complete(index, done, local, self.train, train=True)
+        for index, done in self._read_and_preprocess(requests, self.train, transform, self.train_features, local):
+            yield self._complete(index, done, local, self.train, self.train_features, train=True)
 
     def eval_batches(self) -> Iterator[Batch]:
         d = self.config.data
@@ -156,20 +180,20 @@ class IndexedSource:
 
         def transform(image_bytes, seed):
             del seed
-            return augment.resize_and_centre_crop(image_bytes, size=d.image_size, crop_ratio=d.crop_ratio)
-        for index, done in self._read_and_preprocess(requests, self.evaluation, transform, local):
-            yield self._complete(index, done, local, self.evaluation, train=False)
+            return {"image": augment.resize_and_centre_crop(image_bytes, size=d.image_size, crop_ratio=d.crop_ratio)}
+        features = {"image": tf.TensorSpec(self.image_shape, tf.uint8)}
+        for index, done in self._read_and_preprocess(requests, self.evaluation, transform, features, local):
+            yield self._complete(index, done, local, self.evaluation, features, train=False)
 
-    def _read_and_preprocess(self, requests, split: Split, transform, size):
+    def _read_and_preprocess(self, requests, split: Split, transform, features, size):
         """(index, preprocessed) per request, in order. `preprocessed` holds the examples whose
         image decoded, with their `slot` in the request; a failed one is missing, not fatal here."""
-        key, spec = split.label_key, split.label_spec
-        placeholder = {"slot": tf.zeros([0], tf.int32), "image": tf.zeros((0,) + self.image_shape, tf.uint8),
-                       key: tf.zeros([0, *spec.shape], spec.dtype)}
+        specs = {"slot": tf.TensorSpec([], tf.int32), **features, split.label_key: split.label_spec}
+        placeholder = {name: tf.zeros([0, *spec.shape], spec.dtype) for name, spec in specs.items()}
 
         def preprocess(slot, record, seed):
             example = split.example(record)
-            return {"slot": slot, "image": transform(example["image"], seed), key: example[key]}
+            return {"slot": slot, **transform(example["image"], seed), split.label_key: example[split.label_key]}
 
         def one_batch(request):
             examples = tf.data.Dataset.from_tensor_slices(
@@ -182,14 +206,15 @@ class IndexedSource:
                                  deterministic=True)
         return tfds.as_numpy(ds.prefetch(1))
 
-    def _complete(self, index, done, size: int, split: Split, *, train: bool) -> Batch:
+    def _complete(self, index, done, size: int, split: Split, features, *, train: bool) -> Batch:
         """The preprocessed examples in their slots; a missing (corrupt) one is reported by its index
         and then fails the run, or is masked out (eval) or replaced by another of the batch (train)."""
-        key, spec = split.label_key, split.label_spec
-        image = np.zeros((size,) + self.image_shape, np.uint8)
-        label = np.zeros((size, *spec.shape), spec.dtype.as_numpy_dtype)
+        specs = {**features, split.label_key: split.label_spec}
+        batch = {name: np.zeros((size, *spec.shape), spec.dtype.as_numpy_dtype) for name, spec in specs.items()}
         ok = np.zeros(size, bool)
-        image[done["slot"]], label[done["slot"]], ok[done["slot"]] = done["image"], done[key], True
+        for name, values in batch.items():
+            values[done["slot"]] = done[name]
+        ok[done["slot"]] = True
         bad = np.flatnonzero(~ok[:len(index)])
         if bad.size:
             where = split.describe(np.unique(index[bad]))
@@ -203,7 +228,8 @@ class IndexedSource:
             if train:
                 good = np.flatnonzero(ok[:len(index)])
                 donors = good[np.arange(bad.size) % good.size]
-                image[bad], label[bad] = image[donors], label[donors]
+                for values in batch.values():
+                    values[bad] = values[donors]
         if train:
-            return {"image": image, key: label}
-        return {"image": image, key: label, "mask": (ok & (np.arange(size) < len(index))).astype(np.float32)}
+            return batch
+        return {**batch, "mask": (ok & (np.arange(size) < len(index))).astype(np.float32)}
