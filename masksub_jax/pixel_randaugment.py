@@ -97,32 +97,46 @@ def _pil_affine(a, b, c, d, e, f):
     return jnp.stack([a, b, c + 0.5 * (a + b - 1), d, e, f + 0.5 * (d + e - 1)])
 
 
-def rotate(image, degrees):
-    h, w = image.shape[:2]
+def _rotation(shape, degrees):
+    """Counter-clockwise about the centre (PIL Image.rotate)."""
+    h, w = shape[:2]
     cx, cy = (w - 1) / 2, (h - 1) / 2
     r = degrees * math.pi / 180
     cos, sin = jnp.cos(r), jnp.sin(r)
-    return _transform(image, jnp.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]))
+    return jnp.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy])
 
 
-def shear_x(image, factor):
+def _shear_x(shape, factor):
     one, zero = jnp.ones_like(factor), jnp.zeros_like(factor)
-    return _transform(image, _pil_affine(one, factor, zero, zero, one, zero))
+    return _pil_affine(one, factor, zero, zero, one, zero)
 
 
-def shear_y(image, factor):
+def _shear_y(shape, factor):
     one, zero = jnp.ones_like(factor), jnp.zeros_like(factor)
-    return _transform(image, _pil_affine(one, zero, zero, factor, one, zero))
+    return _pil_affine(one, zero, zero, factor, one, zero)
 
 
-def translate_x_rel(image, fraction):
+def _translate_x(shape, fraction):
     one, zero = jnp.ones_like(fraction), jnp.zeros_like(fraction)
-    return _transform(image, jnp.stack([one, zero, fraction * image.shape[1], zero, one, zero]))
+    return jnp.stack([one, zero, fraction * shape[1], zero, one, zero])
 
 
-def translate_y_rel(image, fraction):
+def _translate_y(shape, fraction):
     one, zero = jnp.ones_like(fraction), jnp.zeros_like(fraction)
-    return _transform(image, jnp.stack([one, zero, zero, zero, one, fraction * image.shape[0]]))
+    return jnp.stack([one, zero, zero, zero, one, fraction * shape[0]])
+
+
+# The geometric ops as the matrix of one _transform, so that a layer warps each image once.
+MATRICES = {"Rotate": _rotation, "ShearX": _shear_x, "ShearY": _shear_y, "TranslateXRel": _translate_x,
+            "TranslateYRel": _translate_y}
+
+
+def _warp(matrix_of):
+    return lambda image, argument: _transform(image, matrix_of(image.shape, argument))
+
+
+rotate, shear_x, shear_y = _warp(_rotation), _warp(_shear_x), _warp(_shear_y)
+translate_x_rel, translate_y_rel = _warp(_translate_x), _warp(_translate_y)
 
 
 def _enhance(m, _):
@@ -179,10 +193,19 @@ def draws(key, spec: Spec):
 
 
 def rand_augment(image, key, spec: Spec):
-    """`spec.num_layers` ops drawn uniformly with replacement, each applied with `spec.prob`."""
+    """`spec.num_layers` ops drawn uniformly with replacement, each applied with `spec.prob`. The
+    geometric ops of a layer share one warp (its matrix is the drawn op's)."""
     choices, applied, magnitudes, signs = draws(key, spec)
-    branches = [lambda image, m, s, name=name: apply_op(name, image, m, s) for name in spec.ops]
+    geometric = [name for name in spec.ops if name in MATRICES]
+    others = [name for name in spec.ops if name not in MATRICES]
+    position = jnp.asarray([(geometric if name in MATRICES else others).index(name) for name in spec.ops])
+    is_geometric = jnp.asarray([name in MATRICES for name in spec.ops])
+    matrix_branches = [lambda m, s, name=name: MATRICES[name](image.shape, OP_TABLE[name][1](m, s))
+                       for name in geometric]
+    other_branches = [lambda image, m, s, name=name: apply_op(name, image, m, s) for name in others]
     for i in range(spec.num_layers):
-        changed = jax.lax.switch(choices[i], branches, image, magnitudes[i], signs[i])
-        image = jnp.where(applied[i], changed, image)
+        choice, m, s = choices[i], magnitudes[i], signs[i]
+        warped = _transform(image, jax.lax.switch(position[choice] * is_geometric[choice], matrix_branches, m, s))
+        changed = jax.lax.switch(position[choice] * (1 - is_geometric[choice]), other_branches, image, m, s)
+        image = jnp.where(applied[i], jnp.where(is_geometric[choice], warped, changed), image)
     return image
