@@ -14,9 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # as data/augment.py (PIL's convert("L"))
-BLUR_SIGMA_RANGE = (0.1, 2.0)
-_BLUR_HALF_WIDTH = 6  # ceil(3 * max sigma), as data/augment.py
+from masksub_jax.data.augment import BLUR_HALF_WIDTH, BLUR_SIGMA_RANGE, GRAY_WEIGHTS
+
 SOURCES = ("tfds", "folder")  # the sources that augment (digits and synthetic are used as they are)
 
 
@@ -78,7 +77,7 @@ def solarize(x, threshold=128):
 
 def gaussian_blur(x, sigma):
     """Per example a separable Gaussian of std `sigma` [B], edges mirrored as TensorFlow's SYMMETRIC."""
-    k = _BLUR_HALF_WIDTH
+    k = BLUR_HALF_WIDTH
     taps = jnp.arange(-k, k + 1, dtype=jnp.float32)
     kernel = jnp.exp(-0.5 * jnp.square(taps / sigma[:, None]))
     kernel = kernel / jnp.sum(kernel, axis=1, keepdims=True)  # [B, 2k + 1]

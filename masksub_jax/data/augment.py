@@ -20,7 +20,7 @@ import tensorflow as tf
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 BLUR_SIGMA_RANGE = (0.1, 2.0)  # DeiT-III GaussianBlur radius
-_BLUR_HALF_WIDTH = math.ceil(3 * BLUR_SIGMA_RANGE[1])
+BLUR_HALF_WIDTH = math.ceil(3 * BLUR_SIGMA_RANGE[1])
 JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI marker, then a marker)
 
 
@@ -126,10 +126,10 @@ def solarize(image, threshold=128):
 
 def gaussian_blur(image, sigma):
     """Separable Gaussian of standard deviation `sigma` (PIL's GaussianBlur radius), edges repeated."""
-    x = tf.range(-_BLUR_HALF_WIDTH, _BLUR_HALF_WIDTH + 1, dtype=tf.float32)
+    x = tf.range(-BLUR_HALF_WIDTH, BLUR_HALF_WIDTH + 1, dtype=tf.float32)
     kernel = tf.exp(-0.5 * tf.square(x / sigma))
     kernel /= tf.reduce_sum(kernel)
-    k = _BLUR_HALF_WIDTH
+    k = BLUR_HALF_WIDTH
     padded = tf.pad(tf.cast(image, tf.float32)[None], [[0, 0], [k, k], [k, k], [0, 0]], mode="SYMMETRIC")
     channels = tf.shape(image)[-1]
     vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
