@@ -79,15 +79,17 @@ def load_variables(config, path: str, num_classes: int, *, ema: bool = False, sa
                                    say=say)
 
 
-def evaluate(config, variables, data=None) -> dict:
-    """Top-1 / top-5 of `variables` on `config`'s eval split (of `data`, the source, if given), on all
-    devices: {"top1", "top5", "eval_examples"}."""
+def evaluate(config, variables, data=None, extra_evals=None, *, say=lambda line: None) -> dict:
+    """Top-1 / top-5 of `variables` on `config`'s eval split (of `data`, the source, if given) and on
+    `extra_evals` ({name: source}, `pipeline.make_extra_evals`), on all devices: {"top1", "top5",
+    "eval_examples", "NAME/top1", ...}."""
     data = data or _source(config)
     mesh = sharding.make_mesh(config.mesh.fsdp)
     variables_sharding = sharding.state_sharding(variables, mesh)
     model = step_lib.make_model(config, data.num_classes)
-    evaluator = make_evaluator(config, model, data, mesh, variables_sharding)
-    return evaluator(jax.device_put(variables, variables_sharding))
+    evaluations = make_evaluations(config, model, {"": data} | (extra_evals or {}), mesh, variables_sharding,
+                                   ema=False, say=say)
+    return evaluations(jax.device_put(variables, variables_sharding))
 
 
 def _source(config, workdir=None):
@@ -139,16 +141,11 @@ def main(argv):
     print(sharding.describe_devices(), flush=True)
     data = _source(config, flags.FLAGS.workdir)
     variables = load_variables(config, path, data.num_classes, ema=flags.FLAGS.ema)
-    sources = {"": data} | pipeline.make_extra_evals(config, data.class_names, jax.process_index(),
-                                                     jax.process_count(), jax.device_count(),
-                                                     workdir=flags.FLAGS.workdir, resuming=True, write_lists=False)
-    mesh = sharding.make_mesh(config.mesh.fsdp)
-    variables_sharding = sharding.state_sharding(variables, mesh)
-    model = step_lib.make_model(config, data.num_classes)
+    extra_evals = pipeline.make_extra_evals(config, data.class_names, jax.process_index(), jax.process_count(),
+                                            jax.device_count(), workdir=flags.FLAGS.workdir, resuming=True,
+                                            write_lists=False)
     print(f"evaluating {'the moving average of ' if flags.FLAGS.ema else ''}{path}...", flush=True)
-    evaluations = make_evaluations(config, model, sources, mesh, variables_sharding, ema=False,
-                                   say=lambda line: print(line, flush=True))
-    result = evaluations(jax.device_put(variables, variables_sharding))
+    result = evaluate(config, variables, data, extra_evals, say=lambda line: print(line, flush=True))
     print(f"{describe(result)} on {result['eval_examples']} eval examples "
           f"({config.data.source} {config.data.name if config.data.source == 'tfds' else ''}".rstrip() + ")")
 
