@@ -158,6 +158,12 @@ def test_prepare_writes_the_tree_as_an_array_record_data_set_with_the_same_examp
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_prepare_names_its_own_flag_for_files_that_are_not_images(dirty_tree, tmp_path):
+    with pytest.raises(folder_source.FolderError, match=r"notes.txt\. .*set --on_corrupt_image=skip to leave"):
+        prepare.prepare_folder(dirty_tree, "dirty_images", str(tmp_path))
+    assert not os.path.exists(tmp_path / "dirty_images")
+
+
 # --------------------------------------------------------------------------------------------------
 # The user's story, through the trainer's command line.
 

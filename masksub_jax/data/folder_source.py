@@ -78,18 +78,19 @@ def split_names(root: str) -> list[str]:
     """The split folders of an image-folder tree, sorted."""
     if not _isdir(root):
         raise DataNotFoundError(f"data.folder={root!r} does not exist (or is not a folder). Point "
-                                "--config.data.folder at the folder that holds one sub-folder per split "
-                                "(e.g. train/ and val/), each with one sub-folder of images per class.")
+                                "--config.data.folder (prepare: --folder) at the folder that holds one sub-folder "
+                                "per split (e.g. train/ and val/), each with one sub-folder of images per class.")
     splits = sorted(d for d in _scan(root)[0] if not d.startswith("."))
     if not splits:
         raise FolderError(f"{root} holds no split folders (e.g. train/ and val/, each with a sub-folder per class).")
     return splits
 
 
-def list_split(split_dir: str, classes: list[str] | None = None, *, on_corrupt_image: str = "fail") -> dict:
+def list_split(split_dir: str, classes: list[str] | None = None, *, on_corrupt_image: str = "fail",
+               skip_flag: str = "--config.data.on_corrupt_image=skip") -> dict:
     """{"split_dir", "classes", "files", "labels", "skipped"}: every image of a split folder, sorted,
     `files` relative to it. `classes`: the train split's (an eval split's must be among them);
-    None: this split's class folders, sorted."""
+    None: this split's class folders, sorted. `skip_flag`: what the error says to leave non-images out."""
     if not _isdir(split_dir):
         root, _, split = split_dir.rstrip("/").rpartition("/")
         raise DataNotFoundError(f"No split folder {split!r} in {root} (it holds {split_names(root)}). Set "
@@ -120,8 +121,8 @@ def list_split(split_dir: str, classes: list[str] | None = None, *, on_corrupt_i
         shown = ", ".join(f"{split_dir}/{o}" for o in others[:5]) + (" ..." if len(others) > 5 else "")
         if on_corrupt_image == "fail":
             raise FolderError(f"{len(others)} file(s) in {split_dir} are not images (JPEG or PNG by their "
-                              f"name): {shown}. Move them out of the data folder, or set "
-                              "--config.data.on_corrupt_image=skip to leave them out.")
+                              f"name): {shown}. Move them out of the data folder, or set {skip_flag} to leave "
+                              "them out.")
         print(f"WARNING: {len(others)} file(s) in {split_dir} are not images and are left out: {shown}",
               file=sys.stderr, flush=True)
     return {"split_dir": split_dir, "classes": list(classes), "files": files, "labels": labels,

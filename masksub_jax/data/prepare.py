@@ -16,6 +16,8 @@ re-encoding); TFDS's own builder (`store_as_tfds_dataset`) writes it and shows i
 on it with --config.data.source=tfds --config.data.name=NAME --config.data.data_dir=DIR: the same
 examples under the same indices as --config.data.source=folder, read faster from a network disk.
 """
+import functools
+
 from absl import app, flags
 
 
@@ -48,11 +50,13 @@ def prepare_folder(folder: str, name: str, data_dir: str | None, on_corrupt_imag
     root = folder.rstrip("/")
     splits = folder_source.split_names(root)
     first = "train" if "train" in splits else splits[0]
-    listings = {first: folder_source.list_split(f"{root}/{first}", on_corrupt_image=on_corrupt_image)}
+    list_split = functools.partial(folder_source.list_split, on_corrupt_image=on_corrupt_image,
+                                   skip_flag="--on_corrupt_image=skip")
+    listings = {first: list_split(f"{root}/{first}")}
     classes = listings[first]["classes"]
     for split in splits:
         if split != first:
-            listings[split] = folder_source.list_split(f"{root}/{split}", classes, on_corrupt_image=on_corrupt_image)
+            listings[split] = list_split(f"{root}/{split}", classes)
 
     def examples(listing):
         for file, label in zip(listing["files"], listing["labels"]):
@@ -74,7 +78,11 @@ def main(argv):
     del argv
     f = flags.FLAGS
     if f.folder:
-        print(prepare_folder(f.folder, f.name, f.data_dir, f.on_corrupt_image))
+        from masksub_jax.data import folder_source, pipeline
+        try:
+            print(prepare_folder(f.folder, f.name, f.data_dir, f.on_corrupt_image))
+        except (folder_source.FolderError, pipeline.DataNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
     else:
         print(prepare(f.name, f.data_dir, f.num_workers))
 
