@@ -121,3 +121,13 @@ def flip_one_bit_in_an_array(step_dir: str) -> None:
     checkpointer.wait_until_finished()
     shutil.rmtree(item)
     os.rename(rewritten, item)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A 60x80 smooth colour field with pixel noise, like a small photo (the augmentation tests')."""
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    field = tf.image.resize(rng.uniform(0, 255, (5, 5, 3)), (60, 80), method="bicubic").numpy()
+    return np.clip(field + rng.normal(0, 10, (60, 80, 3)), 0, 255).astype(np.uint8)

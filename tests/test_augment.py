@@ -16,14 +16,6 @@ from masksub_jax.data import randaugment as ra
 SEEDS = [tf.constant([7, i], tf.int64) for i in range(40)]
 
 
-@pytest.fixture(scope="module")
-def photo():
-    """A 60x80 smooth colour field with pixel noise, like a small photo."""
-    rng = np.random.default_rng(0)
-    field = tf.image.resize(rng.uniform(0, 255, (5, 5, 3)), (60, 80), method="bicubic").numpy()
-    return np.clip(field + rng.normal(0, 10, (60, 80, 3)), 0, 255).astype(np.uint8)
-
-
 def _diff(ours, theirs):
     return np.abs(np.asarray(ours).astype(int) - np.asarray(theirs).astype(int))
 

@@ -8,12 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 import tensorflow as tf
+from PIL import Image, ImageFilter
 
 from masksub_jax import pixel_augment, pixel_randaugment, sharding, train
 from masksub_jax import step as step_lib
 from masksub_jax.data import augment, generated, pipeline, randaugment
 from tests.conftest import tiny_digits_config
+from tests.test_augment import PIL_OPS, _diff
 
 IMAGES = generated._colour_field(np.random.default_rng(0), (32, 33), (40, 41))[None].repeat(4, 0)
 IMAGES[1:] = np.random.default_rng(1).integers(0, 256, (3, 32, 40, 3), dtype=np.uint8)  # smooth, then noise
@@ -191,3 +194,47 @@ def test_device_randaugment_applies_a_drawn_op_or_none_per_layer():
         want = (pixel_randaugment.apply_op(spec.ops[choices[i, 0]], x[0], magnitudes[i, 0], signs[i, 0])
                 if applied[i, 0] else x[0])
         _assert_equal_pixels(out[i][None], np.asarray(want)[None])
+
+
+# --------------------------------------------------------------------------------------------------
+# The device ops against PIL (what timm runs), with tests/test_augment.py's tolerances for the host ops.
+
+def _photo_batch(photo):
+    return jnp.asarray(photo[None], jnp.float32)
+
+
+def test_device_resize_grayscale_blur_and_jitter_ops_match_pil_and_formulas(photo):
+    x, one = _photo_batch(photo), lambda v: jnp.asarray([v], jnp.float32)  # noqa: E731
+    canvas = jnp.zeros((1, 160, 160, 3), jnp.float32).at[:, :60, :80].set(x)
+    resized = pixel_augment.resize(canvas, jnp.asarray([[60, 80]]), 40)[0]  # to 40x40: both axes shrink
+    assert _diff(resized, Image.fromarray(photo).resize((40, 40), Image.BICUBIC)).max() <= 1
+    assert _diff(pixel_augment.grayscale(x)[0, ..., 0], Image.fromarray(photo).convert("L")).max() <= 1
+    for sigma in (0.1, 1.3, 2.0):
+        expected = scipy.ndimage.gaussian_filter(photo.astype(np.float64), (sigma, sigma, 0), mode="reflect",
+                                                 truncate=6 / sigma)
+        assert _diff(pixel_augment.gaussian_blur(x, one(sigma))[0], np.round(expected)).max() <= 1
+    pil_blur = Image.fromarray(photo).filter(ImageFilter.GaussianBlur(1.3))
+    assert _diff(pixel_augment.gaussian_blur(x, one(1.3))[0], pil_blur).mean() < 0.5
+    f = photo.astype(np.float64)
+    gray = f @ np.array(augment.GRAY_WEIGHTS)
+    rounded = lambda v: np.clip(np.round(v), 0, 255)  # noqa: E731
+    assert _diff(pixel_augment.adjust_brightness(x, one(1.3))[0], rounded(1.3 * f)).max() <= 1
+    assert _diff(pixel_augment.adjust_contrast(x, one(0.7))[0], rounded(0.7 * f + 0.3 * gray.mean())).max() <= 1
+    assert _diff(pixel_augment.adjust_saturation(x, one(1.2))[0], rounded(1.2 * f - 0.2 * gray[..., None])).max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(PIL_OPS))
+def test_device_randaugment_op_matches_pil(name, photo):
+    argument, pil_op = PIL_OPS[name]
+    got = pixel_randaugment.OP_TABLE[name][0](jnp.asarray(photo, jnp.float32), jnp.float32(argument))
+    assert _diff(got, pil_op(Image.fromarray(photo))).max() <= 1
+
+
+@pytest.mark.parametrize("name,argument,matrix", [
+    ("Rotate", 20.0, None), ("ShearX", 0.2, (1, 0.2, 0, 0, 1, 0)), ("ShearY", -0.2, (1, 0, 0, -0.2, 1, 0))])
+def test_device_randaugment_geometric_op_matches_pil_bilinear(name, argument, matrix, photo):
+    pil = Image.fromarray(photo)
+    expected = (pil.rotate(argument, resample=Image.BILINEAR, fillcolor=randaugment.FILL) if matrix is None else
+                pil.transform(pil.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=randaugment.FILL))
+    diff = _diff(pixel_randaugment.OP_TABLE[name][0](jnp.asarray(photo, jnp.float32), jnp.float32(argument)), expected)
+    assert diff.mean() < 1.0 and (diff <= 1).mean() > 0.95
