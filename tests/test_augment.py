@@ -168,11 +168,16 @@ def test_randaugment_op_matches_pil(name, photo):
 @pytest.mark.parametrize("name,argument,matrix", [
     ("Rotate", 20.0, None), ("ShearX", 0.2, (1, 0.2, 0, 0, 1, 0)), ("ShearY", -0.2, (1, 0, 0, -0.2, 1, 0))])
 def test_randaugment_geometric_op_matches_pil_bilinear(name, argument, matrix, photo):
-    """Interpolation at the image border differs (PIL and TF treat the edge pixel apart); inside it agrees."""
+    assert_matches_pil_bilinear(ra.OP_TABLE[name][0](photo, argument), photo, argument, matrix)
+
+
+def assert_matches_pil_bilinear(ours, photo, argument, matrix):
+    """PIL's bilinear rotation by `argument` degrees (matrix None) or affine `matrix`. Interpolation at
+    the image border differs (PIL and TF treat the edge pixel apart); inside it agrees."""
     pil = Image.fromarray(photo)
     expected = (pil.rotate(argument, resample=Image.BILINEAR, fillcolor=ra.FILL) if matrix is None else
                 pil.transform(pil.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=ra.FILL))
-    diff = _diff(ra.OP_TABLE[name][0](photo, argument), expected)
+    diff = _diff(ours, expected)
     assert diff.mean() < 1.0 and (diff <= 1).mean() > 0.95
 
 
