@@ -40,8 +40,13 @@ def path(workdir: str) -> epath.Path:
 def write_text(file: epath.Path, text: str) -> None:
     """Writes `text` to a temporary file that then replaces `file`: a reader (or a kill mid-write)
     sees the old version or the new one, never a cut one."""
+    write_bytes(file, text.encode())
+
+
+def write_bytes(file: epath.Path, data: bytes) -> None:
+    """`write_text` for bytes."""
     partial = file.parent / (file.name + ".partial")
-    partial.write_text(text)
+    partial.write_bytes(data)
     partial.replace(file)
 
 

@@ -141,16 +141,8 @@ def file_list(split_dir: str, name: str, workdir: str | None, *, classes=None, o
     listing = list_split(split_dir, classes, on_corrupt_image=on_corrupt_image)
     if cached is not None and write:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.parent / (cached.name + ".partial")
-        partial.write_bytes(gzip.compress(json.dumps(listing).encode(), compresslevel=1))
-        partial.replace(cached)
+        workdir_lib.write_bytes(cached, gzip.compress(json.dumps(listing).encode(), compresslevel=1))
     return listing
-
-
-def read_classes(workdir: str) -> list[str] | None:
-    """The class names a folder run trained with (index = position), or None."""
-    file = workdir_lib.path(workdir) / CLASSES
-    return json.loads(file.read_text()) if file.exists() else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +165,17 @@ def split_of(listing: dict) -> indexed.Split:
         return ", ".join(f"{split_dir}/{listing['files'][i]}" for i in index)
     return indexed.Split(size=len(listing["files"]), fetch=fetch, example=example, describe=describe,
                          fix="Replace or remove those files", is_jpeg=None)
+
+
+def eval_split(split_dir: str, classes: list[str], workdir: str | None, *, on_corrupt_image: str, reuse: bool,
+               write: bool) -> tuple[str, indexed.Split]:
+    """(name, Split) of a split folder as an extra evaluation set of a model with `classes`; its list
+    is kept in the workdir as extra_NAME, NAME the folder's name."""
+    split_dir = split_dir.rstrip("/")
+    name = split_dir.rpartition("/")[2]
+    listing = file_list(split_dir, f"extra_{name}", workdir, classes=classes, on_corrupt_image=on_corrupt_image,
+                        reuse=reuse, write=write)
+    return name, split_of(listing)
 
 
 def FolderSource(config, process_index: int = 0, process_count: int = 1, batch_multiple: int = 1,  # noqa: N802

@@ -148,11 +148,8 @@ def make_extra_evals(config, class_names: list[str], process_index: int = 0, pro
     for spec in d.extra_evals:
         kind, where = spec.split(":", 1)
         if kind == "folder":
-            name = where.rstrip("/").rpartition("/")[2]
-            listing = folder_source.file_list(where.rstrip("/"), f"extra_{name}", workdir, classes=class_names,
-                                              on_corrupt_image=d.on_corrupt_image, reuse=resuming,
-                                              write=write_lists and process_index == 0)
-            split = folder_source.split_of(listing)
+            name, split = folder_source.eval_split(where, class_names, workdir, on_corrupt_image=d.on_corrupt_image,
+                                                   reuse=resuming, write=write_lists and process_index == 0)
         else:
             name = kind.partition("/")[0]
             split = tfds_source.eval_split(kind, where, d.data_dir, len(class_names))
