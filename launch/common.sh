@@ -1,8 +1,12 @@
 # Sourced by the launch scripts: `run CMD ARGS...` prints the command, and runs it unless DRY_RUN=1.
+# Everything else they print starts with `# `, so that the output of --dry-run is a bash script that
+# does what the real run would do (tests/test_launch.py runs it against fake cluster commands).
 # shellcheck shell=bash
 
 DRY_RUN="${DRY_RUN:-0}"
 WORKDIR="" DATA_DIR="" CONFIG="configs/vit_b.py" EXTRA=()
+# This checkout (absolute), whatever directory the script was started from.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # The arguments every launch script takes; returns 1 for any other.
 common_arg() {
@@ -14,6 +18,31 @@ common_arg() {
     --dry-run) DRY_RUN=1 ;;
     *) return 1 ;;
   esac
+}
+
+# Sets CONFIG_FILE to the absolute path of --config's file and CONFIG_ARGS to what follows it (the
+# `:epochs=800` of `configs/vit_b.py:epochs=800`). A relative path is read from the current directory,
+# else from this checkout, so that the default configs work from any directory.
+find_config() {
+  local file="${CONFIG%%:*}"
+  CONFIG_ARGS="${CONFIG#"${file}"}"
+  if [[ "${file}" != /* && ! -f "${file}" && -f "${REPO}/${file}" ]]; then file="${REPO}/${file}"; fi
+  [[ -f "${file}" ]] || die "--config: there is no file ${file} (a relative path is looked for in the current directory, then in ${REPO})"
+  CONFIG_FILE="$(cd "$(dirname "${file}")" && pwd)/$(basename "${file}")"
+}
+
+# $1 as an absolute path (from the current directory), unless it is absolute already or a URL (gs://).
+absolute() {
+  if [[ -z "$1" || "$1" == /* || "$1" == *://* ]]; then echo "$1"; else echo "${PWD}/${1#./}"; fi
+}
+
+# For a job that starts in this checkout rather than where the script runs: --config, --workdir and
+# --data_dir as absolute paths.
+absolute_paths() {
+  find_config
+  CONFIG="${CONFIG_FILE}${CONFIG_ARGS}"
+  WORKDIR="$(absolute "${WORKDIR}")"
+  DATA_DIR="$(absolute "${DATA_DIR}")"
 }
 
 # Sets TRAIN to the trainer's command line for those arguments (with --cluster where CLUSTER=1: JAX
@@ -28,15 +57,13 @@ train_command() {
   TRAIN_QUOTED=$(quoted "${TRAIN[@]}")
 }
 
-# Installs this checkout into its own .venv with JAX for the accelerator ($1: cuda or tpu) at the
-# tested versions (constraints.txt), and sets PYTHON to that venv's python. Runs where the script runs
-# (a SLURM login node has the network that compute nodes often lack); a no-op when all is installed.
+# Installs this checkout into its own .venv on Python 3.11 (whatever python3 the machine has) with JAX
+# for the accelerator ($1: cuda or tpu) at the tested versions (constraints.txt), and sets PYTHON to
+# that venv's python: launch/masksub_worker.sh install. Runs where the script runs (a SLURM login node
+# has the network that compute nodes often lack); a no-op when all is installed.
 install_here() {
-  local repo
-  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  PYTHON="${repo}/.venv/bin/python"
-  run python3 -m venv "${repo}/.venv"
-  run "${PYTHON}" -m pip install -q -e "${repo}[$1]" -c "${repo}/constraints.txt"
+  PYTHON="${REPO}/.venv/bin/python"
+  run bash "${REPO}/launch/masksub_worker.sh" install "${REPO}" "$1"
 }
 
 # Its arguments, each quoted for the shell (printf %q), joined by spaces.

@@ -1,0 +1,1 @@
+"""Fake `gcloud`, `sbatch`, `srun`, `scontrol`, `uv` and an old `python3` for the launch-script tests."""
