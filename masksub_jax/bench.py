@@ -37,7 +37,7 @@ import os
 import platform
 import time
 
-from masksub_jax import allocator
+from masksub_jax import allocator, cli
 
 if __name__ == "__main__":
     allocator.reexec_with_tcmalloc()
@@ -391,4 +391,4 @@ def _write_json(results, path):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

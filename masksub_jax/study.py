@@ -115,14 +115,16 @@ def main(argv):
     f = flags.FLAGS
     if not f["verbosity"].present:  # progress is printed; library INFO logs only on request
         logging.set_verbosity(logging.WARNING)
+    from masksub_jax import cli
     config = f.config
     modes = f.modes.split(",")
     for mode in modes:
         if mode not in NAMES:
             raise SystemExit(f"error: unknown mode {mode!r}; use some of {sorted(NAMES)}.")
-    os.makedirs(f.workdir, exist_ok=True)
-    runs = run_all(config, f.workdir, list(range(f.seeds)), modes)
-    print(write(runs, f.workdir, shlex.join(["python", "-m", "masksub_jax.study", *sys.argv[1:]])))
+    with cli.errors_in_one_line(f.workdir):
+        os.makedirs(f.workdir, exist_ok=True)
+        runs = run_all(config, f.workdir, list(range(f.seeds)), modes)
+        print(write(runs, f.workdir, shlex.join(["python", "-m", "masksub_jax.study", *sys.argv[1:]])))
     print(f"Wrote {f.workdir}/study.md, study.json and study.png.")
 
 
@@ -139,5 +141,7 @@ def _define_flags():
 
 if __name__ == "__main__":
     from absl import app
+
+    from masksub_jax import cli
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
