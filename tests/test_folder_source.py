@@ -211,3 +211,76 @@ def test_a_folder_run_learns_survives_kill_9_bit_identically_and_writes_nothing_
     with np.load(tmp_path / "ema.npz") as exported:
         np.testing.assert_array_equal(exported["head.weight"],
                                       checkpoint.load_variables(workdir, ema=True)["params"]["head"]["kernel"].T)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats torchvision's ImageFolder reads besides JPEG and PNG, and the mistakes that get their own message.
+
+def _encoded(image, fmt: str, **options) -> bytes:
+    import io
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _webp_and_bmp_files(seed: int) -> dict:
+    """An RGB and an RGBA WebP, a 24-bit and an 8-bit gray BMP, as PIL writes them."""
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    return {"a/rgb.webp": _encoded(Image.fromarray(pixels[..., :3]), "WEBP", lossless=True),
+            "a/rgba.webp": _encoded(Image.fromarray(pixels), "WEBP", quality=80),
+            "b/gray.bmp": _encoded(Image.fromarray(pixels[..., 0]), "BMP"),
+            "b/rgb.bmp": _encoded(Image.fromarray(pixels[..., :3]), "BMP")}
+
+
+def test_webp_and_bmp_images_are_read_as_pil_reads_them_and_prepare_takes_them(tmp_path):
+    import io
+
+    from PIL import Image
+    val = _webp_and_bmp_files(1)
+    root = _tree(tmp_path / "root", {**{f"train/{k}": v for k, v in _webp_and_bmp_files(0).items()},
+                                     **{f"val/{k}": v for k, v in val.items()}})
+    source = pipeline.make(_config(root, batch_size=4))
+    batch, d = next(source.eval_batches()), source.config.data
+    assert batch["mask"].sum() == 4 and list(batch["label"][:4]) == [0, 0, 1, 1]
+    for i, name in enumerate(sorted(val)):  # the listing's order
+        rgb = np.asarray(Image.open(io.BytesIO(val[name])).convert("RGB"))
+        want = augment.resize_and_centre_crop(tf.io.encode_png(rgb), size=d.image_size, crop_ratio=d.crop_ratio)
+        np.testing.assert_array_equal(batch["image"][i], want.numpy(), err_msg=name)
+    assert "train 4, val 4 images" in prepare.prepare_folder(root, "webp_bmp", str(tmp_path / "tfds"))
+
+
+def test_a_bmp_with_a_colour_palette_is_refused_naming_it_and_the_conversion(tmp_path):
+    """TensorFlow would read its palette indices as gray levels: wrong pixels, silently."""
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    palette = _encoded(Image.fromarray(pixels).convert("P"), "BMP")
+    root = _tree(tmp_path / "root", {"train/a/x.jpg": JPEG, "train/a/palette.bmp": palette, "train/b/y.jpg": JPEG,
+                                     "val/a/palette.bmp": palette, "val/b/y.jpg": JPEG})
+    with pytest.raises(folder_source.FolderError, match=r"1 image\(s\) in .*/train cannot be decoded: "
+                                                        r".*/train/a/palette.bmp. .*colour palette.*PNG"):
+        prepare.prepare_folder(root, "palette", str(tmp_path / "tfds"))
+    source = pipeline.make(_config(root, batch_size=2))
+    with pytest.raises(pipeline.CorruptImageError, match=r"val/a/palette.bmp\. .*colour palette.*PNG"):
+        next(source.eval_batches())
+
+
+def _one_error_line(command: list[str]) -> str:
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_split_folder_as_the_tree_and_a_tfds_slice_as_a_split_get_their_own_messages(clean_tree, tmp_path):
+    common = {"data.source": "folder", "data.eval_split": "val", "data.image_size": 16, "data.mean": (0.5,) * 3,
+              "data.std": (0.5,) * 3, "model.variant": "mu/8"}
+    split_folder = digits_main_command(str(tmp_path / "a"), "/unused", {**common, "data.folder": f"{clean_tree}/train"})
+    assert (f"{clean_tree}/train looks like a split folder: its sub-folders (class_00, class_01, ...) hold images, "
+            f"so they are class folders. Set --config.data.folder={clean_tree}, ") in _one_error_line(split_folder)
+    line = _one_error_line(digits_main_command(str(tmp_path / "b"), "/unused", {
+        **common, "data.folder": clean_tree, "data.train_split": "train[:90%]"}))
+    assert "data.train_split='train[:90%]' is a TFDS slice; the folder source reads whole split folders" in line
+    assert "['train', 'val']" in line and "heldout" in line and "masksub_jax.data.prepare --folder" in line
+    with pytest.raises(folder_source.FolderError, match=rf"train looks like a split folder: .* --folder={clean_tree},"):
+        prepare.prepare_folder(f"{clean_tree}/train", "x", str(tmp_path))

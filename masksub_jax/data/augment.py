@@ -25,7 +25,19 @@ JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI marker, 
 
 
 def decode(image_bytes):
-    return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    """Any format TensorFlow reads, as RGB. A WebP goes through its own op, alpha dropped (as PIL's
+    convert("RGB")): decode_image gives no RGB of a WebP with alpha. An animated WebP is left to
+    decode_image, which refuses it (decode_webp corrupts memory on some)."""
+    def webp():
+        extended = tf.strings.substr(image_bytes, 12, 4) == b"VP8X"
+        flags = tf.io.decode_raw(tf.strings.substr(image_bytes, 20, 1), tf.uint8)[0]
+        animated = extended & (tf.bitwise.bitwise_and(flags, 2) > 0)
+        return tf.cond(animated, any_format,
+                       lambda: tf.ensure_shape(tf.io.decode_webp(image_bytes)[0, :, :, :3], [None, None, 3]))
+
+    def any_format():
+        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    return tf.cond(tf.strings.substr(image_bytes, 8, 4) == b"WEBP", webp, any_format)
 
 
 def to_uint8(image):
