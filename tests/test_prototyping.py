@@ -38,6 +38,8 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     figures = [out for cell in code_cells for out in cell.outputs if "image/png" in out.get("data", {})]
     assert len(figures) == 2  # the curves and the two branches' inputs
     assert (tmp_path / "runs" / "quickstart" / "summary.json").exists()
+    # Everything it writes is under runs/ (git-ignored in a checkout); tfds/ is this test's data dir.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tfds"]
 
 
 def test_evaluate_command_on_a_workdir_prints_the_runs_top1(tmp_path, digits_dir):
