@@ -12,11 +12,16 @@ What keeps a run from being lost here:
   - A failed write (disk full, permissions) is raised as `CheckpointWriteError` naming the step whose
     write failed and the intact earlier steps; leaving the `Checkpoints` context on any path (an error,
     Ctrl-C) first finishes the save in flight and closes Orbax's threads.
+  - The readers (`load_variables`, and through it evaluate, convert and init_from) check the arrays
+    they read against the same checksums, and for NaN / Inf; they move nothing. Without a step given
+    they fall back to the newest intact step, saying which step they skipped and why; with one they
+    raise `DamagedCheckpointError` naming the damage.
 Nothing is unpickled: Orbax stores arrays with TensorStore and metadata as JSON.
 """
 import contextlib
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -38,6 +43,10 @@ class IncompatibleCheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the earlier ones are intact."""
+
+
+class DamagedCheckpointError(OSError):
+    """Stored weights do not read back as they were written: unreadable, NaN / Inf, or checksums differ."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -91,9 +100,29 @@ def fingerprints(state):
     return jax.tree.map(fingerprint, state)
 
 
-def _fingerprint_record(state) -> dict[str, int]:
-    values = jax.device_get(fingerprints(state))
+def fingerprint_record(tree) -> dict[str, int]:
+    """`fingerprints` of any pytree (a train state, variables, NumPy arrays as read back) by the
+    leaves' `jax.tree_util.keystr` paths: what a checkpoint's custom metadata and a converted
+    directory's masksub_weights.json hold, and what a reader compares with them."""
+    values = jax.device_get(fingerprints(tree))
     return {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(values)}
+
+
+def damage(tree, record: dict[str, int] | None) -> str | None:
+    """Why arrays read back are not the ones written (None if they are): a leaf holding NaN or Inf,
+    or fingerprints that differ from `record`, the record written with them over a tree with these
+    paths or more (None: written before checkpoints carried checksums; only NaN / Inf is seen)."""
+    nonfinite = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+                 if jnp.issubdtype(x.dtype, jnp.floating) and not np.isfinite(x).all()]
+    if nonfinite:
+        return f"{nonfinite[0]} holds NaN or Inf"
+    return None if record is None else _mismatch(record, fingerprint_record(tree))
+
+
+def _mismatch(saved: dict[str, int], now: dict[str, int]) -> str | None:
+    bad = [k for k in now if saved.get(k) != now[k]]
+    return (f"{len(bad)} array(s) do not match the checksums written with them, e.g. {bad[0]} "
+            "(a damaged file or bit rot)") if bad else None
 
 
 class Checkpoints:
@@ -141,7 +170,7 @@ class Checkpoints:
         """Starts an asynchronous save. A failure of this or the previous save raises CheckpointWriteError."""
         self.wait()  # a failed previous write is reported with its own step
         step = int(jax.device_get(state["step"]))
-        record = _fingerprint_record(state)
+        record = fingerprint_record(state)
         try:
             with preemption.signals_deferred("starting the checkpoint write first"):
                 self._mngr.save(step, args=ocp.args.StandardSave(state), force=force,
@@ -199,13 +228,10 @@ class Checkpoints:
         return None
 
     def _checksum_problem(self, step: int, state) -> str | None:
-        saved = (self._mngr.metadata(step).custom_metadata or {}).get("fingerprints")
+        saved = _saved_record(self._mngr, step)
         if saved is None:
             return None  # written before checkpoints carried checksums
-        now = _fingerprint_record(state)
-        bad = [k for k in now if saved.get(k) != now[k]]
-        return (f"{len(bad)} array(s) do not match the checksums written with them, e.g. {bad[0]} "
-                "(a damaged file or bit rot)") if bad else None
+        return _mismatch(saved, fingerprint_record(state))
 
     def _set_aside_impostors(self, say) -> None:
         """A step's name held by a regular file: Orbax lists no such step, and its next save of that
@@ -225,6 +251,11 @@ class Checkpoints:
                 "(not deleted); trying the next older checkpoint.")
         sharding.barrier(f"set aside checkpoint {step}")
         self._mngr.reload()
+
+
+def _saved_record(mngr: ocp.CheckpointManager, step: int) -> dict[str, int] | None:
+    """The fingerprints written with a step (None: written before checkpoints carried checksums)."""
+    return (mngr.metadata(step).custom_metadata or {}).get("fingerprints")
 
 
 def _in_brief(error: Exception) -> str:
@@ -272,44 +303,104 @@ def _implausible(state, step: int) -> str | None:
     return f"{bad[0]} holds NaN or Inf" if bad else None
 
 
-def load_variables(workdir: str, step: int | None = None, *, ema: bool = False) -> dict:
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_variables(workdir: str, step: int | None = None, *, ema: bool = False, fall_back: bool = True,
+                   say=_warn) -> dict:
     """The model's variables (params, and the collections such as ResNet's batch_stats) of the
     newest (or the given) checkpoint in `workdir`, as NumPy arrays; with `ema`, their moving average
     (a run with config.ema.decay > 0).
 
+    What is read is checked against the checksums written with it and for NaN / Inf. A damaged given
+    step raises DamagedCheckpointError naming the damage; without a step, a damaged newest one is
+    skipped, with a line to `say` naming it and why, for the newest intact one (with `fall_back`
+    False it raises instead: for a reader that means the run's final weights). Nothing is moved or
+    written: setting damage aside is the trainer's job.
+
     For evaluation, conversion, notebooks and comparisons; needs neither the config nor a device
     layout.
     """
-    steps = manager(workdir, read_only=True).all_steps()
+    mngr = manager(workdir, read_only=True)
+    steps = sorted(mngr.all_steps())
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}; train first with "
                                 f"`python -m masksub_jax.main --config=... --workdir={workdir}`.")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
-                                f"it has steps {sorted(steps)}.")
-    # The manager saved one unnamed item, which Orbax stores in the step's "default" folder.
-    return variables_from(os.path.join(checkpoint_dir(workdir), str(step), "default"), ema=ema)
+                                f"it has steps {steps}.")
+    candidates = [step] if step is not None else list(reversed(steps)) if fall_back else [steps[-1]]
+    damaged = []
+    for candidate in candidates:
+        variables, problem = _read_step(mngr, workdir, candidate, ema)
+        if problem is None:
+            for skipped, why in damaged:
+                say(f"WARNING: the checkpoint of step {skipped} in {checkpoint_dir(workdir)} is damaged: {why}. "
+                    f"Skipped it: read step {candidate}, the newest intact one.")
+            return variables
+        damaged.append((candidate, problem))
+    raise DamagedCheckpointError(_damage_message(workdir, damaged, steps))
 
 
-def load_params(workdir: str, step: int | None = None) -> dict:
+def _read_step(mngr, workdir: str, step: int, ema: bool) -> tuple[dict | None, str | None]:
+    """(the step's variables, None), or (None, what is wrong with them)."""
+    try:
+        with _quiet_orbax():
+            record = _saved_record(mngr, step)
+        tree = _restore_variables(os.path.join(checkpoint_dir(workdir), str(step), "default"), ema)
+    except NoAverageError:
+        raise
+    except Exception as e:
+        return None, f"it cannot be read ({_in_brief(e)})"
+    problem = damage(tree, record)
+    if problem is not None:
+        return None, problem
+    return (tree["ema"] if ema else tree), None
+
+
+def _damage_message(workdir: str, damaged: list[tuple[int, str]], steps: list[int]) -> str:
+    """Names each damaged step and the cause, and what to do."""
+    where = checkpoint_dir(workdir)
+    rerun = (f"rerun the run's command (`python -m masksub_jax.main ... --workdir={workdir}`): it moves damaged "
+             f"checkpoints to {DAMAGED_DIR}/ and trains again from the newest intact one")
+    if len(damaged) == len(steps):
+        named = "; ".join(f"step {step}: {problem}" for step, problem in damaged)
+        return f"Every checkpoint in {where} is damaged ({named}). Restore the folder from a copy, or {rerun}."
+    (step, problem), = damaged
+    others = [s for s in steps if s != step]
+    fix = f"To use the run's final weights, {rerun}." if step == steps[-1] else "Read another step."
+    return (f"The checkpoint of step {step} in {where} is damaged: {problem} (the run also has steps {others}, "
+            f"unchecked). {fix}")
+
+
+def load_params(workdir: str, step: int | None = None, *, say=_warn) -> dict:
     """The parameter pytree of the newest (or the given) checkpoint in `workdir` (see load_variables)."""
-    return load_variables(workdir, step)["params"]
+    return load_variables(workdir, step, say=say)["params"]
+
+
+class NoAverageError(FileNotFoundError):
+    """A moving average of the weights was asked of a checkpoint that keeps none."""
 
 
 def variables_from(directory: str, *, ema: bool = False) -> dict:
     """The model's variables in the Orbax pytree checkpoint in `directory` (a train state, or weights
     written by `convert.save_variables`): every entry but the optimizer's and the step's (with `ema`:
-    the train state's moving average of them), as NumPy arrays, without reading the rest."""
+    the train state's moving average of them), as NumPy arrays, without reading the rest. Unchecked:
+    `damage` compares them with their checksums (load_variables and convert.read_variables do)."""
+    tree = _restore_variables(directory, ema)
+    return tree["ema"] if ema else tree
+
+
+def _restore_variables(directory: str, ema: bool) -> dict:
+    """The variables as stored: with `ema` under "ema", so that the paths are the saved record's."""
     checkpointer = ocp.PyTreeCheckpointer()
     with _quiet_orbax():
         tree = checkpointer.metadata(directory).item_metadata.tree
         if ema and "ema" not in tree:
-            raise FileNotFoundError(f"{directory} holds no moving average of the weights: the run kept none "
-                                    "(config.ema.decay=0). Leave out --ema to use its weights.")
+            raise NoAverageError(f"{directory} holds no moving average of the weights: the run kept none "
+                                 "(config.ema.decay=0). Leave out --ema to use its weights.")
         wanted = {"ema": dict(tree["ema"])} if ema else step_lib.variables(dict(tree))
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             item=wanted, restore_args=as_numpy, partial_restore=True))
-        return restored["ema"] if ema else restored

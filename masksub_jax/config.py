@@ -53,7 +53,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.augment_on = "host"
     c.data.random_erasing = 0.0  # probability per image (timm, pixel mode), applied on the device
     c.data.repeated_aug = 3  # source=tfds: copies of each image per epoch (DeiT's RASampler); 1 = off
-    c.data.on_corrupt_image = "fail"  # source=tfds: "fail" naming the example's id, or "skip" it with a warning
+    c.data.on_corrupt_image = "fail"  # an image that does not decode: "fail" naming it, or "skip" it with a warning
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
     c.data.num_classes = 10  # source=synthetic only; other sources read it from the data set
@@ -302,8 +302,23 @@ def _require(ok: bool, key: str, value, fix: str):
         raise ValueError(f"Config {key}={value!r} is invalid: {fix}.")
 
 
-def validate(config, num_devices: int = 1) -> None:
-    """Checks every key's type and range; raises ValueError naming the key and the fix."""
+def _check_device_counts(c, num_devices: int, training: bool) -> None:
+    _require(c.mesh.fsdp >= 1 and num_devices % c.mesh.fsdp == 0, "mesh.fsdp", c.mesh.fsdp,
+             f"must divide the device count {num_devices}")
+    for key in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
+        _require(c[key] >= 1 and c[key] % num_devices == 0, key, c[key],
+                 f"must be a positive multiple of the device count {num_devices}")
+    if training:
+        _require(c.accum_steps >= 1 and c.batch_size % (c.accum_steps * num_devices) == 0, "accum_steps",
+                 c.accum_steps, f"must divide batch_size={c.batch_size} into micro-batches that are a multiple of "
+                 f"the device count {num_devices}")
+
+
+def validate(config, num_devices: int | None = 1, *, training: bool = True) -> None:
+    """Checks every key's type and range; raises ValueError naming the key and the fix. With
+    `num_devices` None the checks against the device count are left out (main.py validates before
+    JAX starts, and train.run again with the count). `training` False (evaluation): the keys only
+    training uses (init_from, batch_size, accum_steps) are not checked."""
     _check_types(config)
     c = config
     family = models.of(c)
@@ -336,6 +351,9 @@ def validate(config, num_devices: int = 1) -> None:
         _require(c.data[key] >= 1, f"data.{key}", c.data[key], "must be >= 1")
     _require(c.masksub.mode in masksub.MODES, "masksub.mode", c.masksub.mode, f"use one of {masksub.MODES}")
     _require(0 <= c.masksub.ratio < 1, "masksub.ratio", c.masksub.ratio, "must be in [0, 1)")
+    _require(c.masksub.mode == "none" or c.masksub.mode in models.sub_branches(family), "masksub.mode",
+             c.masksub.mode, f"{family.describe(c)} implements the sub-branches {models.sub_branches(family)} "
+             "(its SUB_BRANCHES); use one of them or 'none'")
     if c.masksub.mode == "masking" and c.masksub.ratio > 0:
         units = family.num_units(c)
         _require(masksub.num_kept(units, c.masksub.ratio) >= 1, "masksub.ratio", c.masksub.ratio,
@@ -362,17 +380,14 @@ def validate(config, num_devices: int = 1) -> None:
     _require(c.optim.layer_decay == 1 or hasattr(family, "layer_ids"), "optim.layer_decay", c.optim.layer_decay,
              f"model.family={c.model.family!r} has no layers to decay over (layer_ids); use 1")
     _require(c.model.head_init_std > 0, "model.head_init_std", c.model.head_init_std, "must be > 0")
-    _require(c.mesh.fsdp >= 1 and num_devices % c.mesh.fsdp == 0, "mesh.fsdp", c.mesh.fsdp,
-             f"must divide the device count {num_devices}")
-    for key in ("batch_size", "eval_batch_size"):
-        _require(c[key] >= 1 and c[key] % num_devices == 0, key, c[key],
-                 f"must be a positive multiple of the device count {num_devices}")
+    if num_devices is not None:
+        _check_device_counts(c, num_devices, training)
     _require(c.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", c.on_nonfinite, f"use one of {NONFINITE_POLICIES}")
-    _require(c.accum_steps >= 1 and c.batch_size % (c.accum_steps * num_devices) == 0, "accum_steps",
-             c.accum_steps, f"must divide batch_size={c.batch_size} into micro-batches that are a multiple of "
-             f"the device count {num_devices}")
     _require(c.total_epochs > 0 and math.isfinite(c.total_epochs), "total_epochs", c.total_epochs, "must be > 0")
     _require(c.total_steps is None or c.total_steps >= 1, "total_steps", c.total_steps, "must be >= 1 or None")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(c[key] >= 1, key, c[key], "must be >= 1")
     _require(c.eval_every_steps >= 0, "eval_every_steps", c.eval_every_steps, "must be >= 0 (0 = at the end)")
+    if training and c.init_from:
+        from masksub_jax import init_from
+        init_from.check(c)  # what the path holds, read without JAX: before the data and compiling

@@ -1,21 +1,26 @@
 """Evaluation and prediction outside the trainer, for notebooks and the command line.
 
-  python -m masksub_jax.evaluate --config=configs/digits.py --workdir=runs/digits
-  python -m masksub_jax.evaluate --config=configs/vit_b.py --init_from=inits/deit3_b --config.data.data_dir=...
-  python -m masksub_jax.evaluate --config=configs/vit_b.py --workdir=runs/vit_b --ema \
+  python -m masksub_jax.evaluate --workdir=runs/digits
+  python -m masksub_jax.evaluate --workdir=runs/vit_b --ema --config.data.data_dir=DIR \
       '--config.data.extra_evals=("imagenet_v2:test", "imagenet2012_real:validation")'
+  python -m masksub_jax.evaluate --config=configs/vit_b.py --init_from=inits/deit3_b --config.data.data_dir=...
 
-evaluates a training workdir's newest checkpoint (or its moving average of the weights, --ema), or
-weights converted with `masksub_jax.convert` (timm, DeiT-III, MAE, ...), on the config's eval split
-and extra eval sets, and prints top-1 / top-5 (ReaL: top-1). It writes nothing.
+evaluates a training workdir's newest intact checkpoint (or its moving average of the weights,
+--ema) with the run's own config (WORKDIR/config.json; `--config.KEY=VALUE` changes a key, e.g. the
+data_dir on another machine), or weights converted with `masksub_jax.convert` (timm, DeiT-III, MAE,
+...) with --config, on the config's eval split and extra eval sets, and prints top-1 / top-5 (ReaL:
+top-1). The weights are checked against their checksums; a damaged newest checkpoint is skipped,
+saying so. It writes nothing.
 From Python: `load_variables`, `evaluate` and `predict` (logits for any images, optionally as the
-sub-branch sees them).
+sub-branch sees them), and `run_config` (the config a workdir's run trains with).
 """
+from masksub_jax import cli  # noqa: I001  (first: it quiets TensorFlow's C++ logging before TF loads)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from masksub_jax import convert, masksub, models, sharding
+from masksub_jax import convert, init_from, masksub, models, sharding
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline
 
@@ -69,14 +74,40 @@ def describe(results: dict) -> str:
 
 def load_variables(config, path: str, num_classes: int, *, ema: bool = False, say=print) -> dict:
     """The variables (params, and ResNet's batch_stats) for `config`'s model from `path`: a training
-    workdir (its newest checkpoint; with `ema`, its moving average) or weights written by
-    `python -m masksub_jax.convert`, adapted to the model as `config.init_from` is (a new head or
-    image size is said, not silent). NumPy arrays."""
+    workdir (its newest intact checkpoint, a damaged one skipped and said; with `ema`, its moving
+    average) or weights written by `python -m masksub_jax.convert`, checked against their checksums
+    and adapted to the model as `config.init_from` is (a new head or image size is said, not
+    silent). NumPy arrays."""
+    return fit_variables(config, convert.read_variables(path, ema=ema, say=say), num_classes, say=say)
+
+
+def fit_variables(config, loaded: dict, num_classes: int, *, say=print) -> dict:
+    """Variables as read (`convert.read_variables`) fitted to `config`'s model with `num_classes`."""
     model = step_lib.make_model(config, num_classes)
     image = jnp.zeros((1, config.data.image_size, config.data.image_size, len(config.data.mean)), jnp.float32)
     initial = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(config.seed), image))
-    return convert.adapt_variables(convert.read_variables(path, ema=ema), initial, family=config.model.family,
-                                   say=say)
+    return convert.adapt_variables(loaded, initial, family=config.model.family, say=say)
+
+
+def run_config(workdir: str, overrides: dict | None = None):
+    """The config the run in `workdir` trains with (its config.json, with the changes its resumes
+    recorded) over the schema's defaults, and `overrides` (dotted keys) on top. None if the workdir
+    has no config.json."""
+    from masksub_jax import config as config_lib
+    from masksub_jax import workdir as workdir_lib
+    record = workdir_lib.started_config(workdir)
+    if record is None:
+        return None
+    config = config_lib.base()
+    schema = dict(config_lib.flatten(config))
+    values = {k: tuple(v) if isinstance(schema.get(k), tuple) and isinstance(v, list) else v
+              for k, v in record.items()}
+    try:
+        config_lib.override(config, values)
+    except ValueError as e:
+        raise ValueError(f"{workdir_lib.path(workdir) / 'config.json'}: {e} Pass --config=FILE with the run's "
+                         "model and data.") from None
+    return config_lib.override(config, overrides or {})
 
 
 def evaluate(config, variables, data=None, extra_evals=None, *, say=lambda line: None) -> dict:
@@ -102,55 +133,127 @@ def predict(config, variables, images, *, sub_branch_rng=None) -> np.ndarray:
     """Eval-mode logits (N, classes) for uint8 images (N, H, W, C) at the config's image size. With
     `sub_branch_rng`, as the masking sub-branch sees them: `int(L * (1 - masksub.ratio))` of the L
     units kept, drawn from that key (`step.make_input_preview` shows which)."""
-    num_classes = variables["params"]["head"]["bias"].shape[-1]  # every family's classifier is "head"
-    model = step_lib.make_model(config, num_classes)
+    check_images(config, images)
+    family = models.of(config)
+    model = step_lib.make_model(config, models.num_classes(family, variables["params"]))
     corruption = {}
     if sub_branch_rng is not None:
         if config.masksub.mode != "masking":
             raise ValueError(f"masksub.mode={config.masksub.mode!r}: only masking's sub-branch differs from the "
                              "main branch in eval mode.")
         corruption = masksub.corruption("masking", config.masksub.ratio, sub_branch_rng, len(images),
-                                        models.of(config).num_units(config))
+                                        family.num_units(config))
     normalise = step_lib.normaliser(config)
     apply = jax.jit(lambda v, x, c: model.apply(v, normalise(x), train=False, **c))
     return np.asarray(apply(variables, jnp.asarray(images), corruption))
 
 
+def check_images(config, images) -> None:
+    """ValueError, in one line, unless `images` are what `predict` takes: uint8 pixels (N, S, S, C)
+    with S = config.data.image_size and C = len(config.data.mean)."""
+    size, channels = config.data.image_size, len(config.data.mean)
+    takes = (f"predict takes uint8 images of shape (N, {size}, {size}, {channels}) (config.data.image_size={size}, "
+             f"{channels} channel(s) as config.data.mean has)")
+    dtype, shape = getattr(images, "dtype", None), tuple(getattr(images, "shape", ()))
+    if dtype != np.uint8:
+        raise ValueError(f"{takes}; got {dtype or type(images).__name__} images. Pass the 0-255 pixels as uint8: "
+                         "predict normalises them with config.data.mean and std itself.")
+    if len(shape) != 4:
+        hint = " (one image: images[None])" if len(shape) == 3 else ""
+        raise ValueError(f"{takes}; got shape {shape}{hint}.")
+    if shape[1:] != (size, size, channels):
+        fix = (f"resize them to {size}x{size}" if shape[3] == channels else
+               f"give them {channels} channel(s), or use a config whose data.mean has {shape[3]}")
+        raise ValueError(f"{takes}; got shape {shape}: {fix}.")
+
+
 def _define_flags():
+    import os
+
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b.py.", lock_config=False,
+    # Without --config the schema's defaults stand in, so that --config.KEY=VALUE still parses; the
+    # run's config.json gives the values (command_config).
+    schema = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "_schema.py")
+    config_flags.DEFINE_config_file("config", schema, "Config file, e.g. configs/vit_b.py: the model and data "
+                                    "of --init_from's weights. With --workdir the run's own config.json is used "
+                                    "(--config.KEY=VALUE changes a key).", lock_config=False,
                                     accept_new_attributes=True)
-    flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint is evaluated.")
-    flags.DEFINE_string("init_from", None, "Weights written by `python -m masksub_jax.convert`.")
+    flags.DEFINE_string("workdir", None, "A training workdir: its newest intact checkpoint is evaluated.")
+    flags.DEFINE_string("init_from", None, "Weights written by `python -m masksub_jax.convert` (needs --config).")
     flags.DEFINE_bool("ema", False, "With --workdir: evaluate the run's moving average of the weights.")
+    flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
+
+
+def command_config(config_flag, workdir: str | None, say=print):
+    """The config the command evaluates with: with --workdir the run's (run_config) and the
+    command's --config.KEY overrides; else the --config file (with them), which is then required."""
+    from masksub_jax import config as config_lib
+    from masksub_jax import workdir as workdir_lib
+    overrides = dict(config_flag.override_values)
+    if not workdir:
+        if not config_flag.present:
+            raise cli.CommandError("--init_from needs --config=FILE: the model and data to evaluate the weights "
+                                   "with (e.g. --config=configs/vit_b.py).")
+        return config_flag.value
+    if not workdir_lib.path(workdir).exists():
+        raise FileNotFoundError(f"--workdir={workdir} does not exist; give a training workdir.")
+    config = run_config(workdir, overrides)
+    if config is None:
+        if config_flag.present:  # a run that has not recorded its config (it never took a step)
+            return config_flag.value
+        raise cli.CommandError(f"{workdir} has no config.json (the run never took its first step, or this is no "
+                               "training workdir); pass --config=FILE with its model and data.")
+    if config_flag.present:
+        given = workdir_lib.as_record(dict(config_lib.flatten(config_flag.value)))
+        run = workdir_lib.as_record(dict(config_lib.flatten(config)))
+        differ = [k for k in run if k not in overrides and given.get(k) != run[k]]
+        if differ:
+            say(f"Note: evaluating with the run's config ({workdir_lib.path(workdir) / 'config.json'}), not "
+                f"{config_flag.config_filename}'s values of {', '.join(sorted(differ))}; --config.KEY=VALUE "
+                "changes a key.")
+    return config
 
 
 def main(argv):
     from absl import flags, logging
-
-    from masksub_jax import config as config_lib
-    del argv
-    if not flags.FLAGS["verbosity"].present:  # the result is printed; library INFO logs only on request
+    f = flags.FLAGS
+    if not f["verbosity"].present:  # the result is printed; library INFO logs only on request
         logging.set_verbosity(logging.WARNING)
-    config = flags.FLAGS.config
-    config_lib.validate(config, num_devices=jax.device_count())
-    path = flags.FLAGS.workdir or flags.FLAGS.init_from
-    if not path or (flags.FLAGS.workdir and flags.FLAGS.init_from):
-        raise SystemExit("error: give one of --workdir (a training run) and --init_from (converted weights).")
-    print(sharding.describe_devices(), flush=True)
-    data = _source(config, flags.FLAGS.workdir)
-    variables = load_variables(config, path, data.num_classes, ema=flags.FLAGS.ema)
+    with cli.errors_in_one_line(None, verbose=f.verbose):  # it writes nothing: the traceback goes to $TMPDIR
+        if len(argv) > 1:
+            raise cli.CommandError(f"Unexpected arguments: {argv[1:]}")
+        _evaluate_command(f)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _evaluate_command(f) -> None:
+    from masksub_jax import config as config_lib
+    path = f.workdir or f.init_from
+    if not path or (f.workdir and f.init_from):
+        raise cli.CommandError("give one of --workdir (a training run) and --init_from (converted weights).")
+    say = _say
+    config = command_config(f["config"], f.workdir, say)
+    config_lib.validate(config, num_devices=jax.device_count(), training=False)
+    if f.init_from:
+        init_from.check(config, f.init_from, flag="init_from")
+    say(sharding.describe_devices())
+    loaded = convert.read_variables(path, ema=f.ema, say=say)  # checked before the data is read
+    data = _source(config, f.workdir)
+    variables = fit_variables(config, loaded, data.num_classes, say=say)
     extra_evals = pipeline.make_extra_evals(config, data.class_names, jax.process_index(), jax.process_count(),
-                                            jax.device_count(), workdir=flags.FLAGS.workdir, resuming=True,
+                                            jax.device_count(), workdir=f.workdir, resuming=True,
                                             write_lists=False)
-    print(f"evaluating {'the moving average of ' if flags.FLAGS.ema else ''}{path}...", flush=True)
-    result = evaluate(config, variables, data, extra_evals, say=lambda line: print(line, flush=True))
-    print(f"{describe(result)} on {result['eval_examples']} eval examples "
-          f"({config.data.source} {config.data.name if config.data.source == 'tfds' else ''}".rstrip() + ")")
+    say(f"evaluating {'the moving average of ' if f.ema else ''}{path}...")
+    result = evaluate(config, variables, data, extra_evals, say=say)
+    say(f"{describe(result)} on {result['eval_examples']} eval examples "
+        f"({config.data.source} {config.data.name if config.data.source == 'tfds' else ''}".rstrip() + ")")
 
 
 if __name__ == "__main__":
     from absl import app
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

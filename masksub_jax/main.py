@@ -18,10 +18,9 @@ $TMPDIR/masksub_jax_errors.log; printed too with --verbose), or when another pro
 import os
 import sys
 
-from masksub_jax import allocator, preemption
+from masksub_jax import allocator, cli, preemption
 
 allocator.reexec_with_tcmalloc()  # before anything allocates; a no-op where there is no tcmalloc
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only our input pipeline
 preemption.stop_on_sigterm()  # before anything slow: a scheduler's SIGTERM during start-up still means 75
 
 import logging as std_logging  # noqa: E402
@@ -52,7 +51,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # progress is printed; library INFO logs only on request
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    # JAX and TensorFlow load here, after the SIGTERM handler is in place.
+    # The config, init_from's path included, checked in seconds: before the data and JAX's devices
+    # (train.run checks it again with the device count).
+    from masksub_jax import config as config_lib
+    with cli.errors_in_one_line(f.workdir, verbose=f.verbose):
+        config_lib.validate(f.config, num_devices=None)
+    # TensorFlow and JAX's backend load here, after the SIGTERM handler is in place.
     from masksub_jax import sharding, train
     _divert_library_errors(f.workdir)
     try:
@@ -69,7 +73,7 @@ def main(argv):
         _exit_now(preemption.EXIT_INTERRUPTED, sharding)
     except Exception as e:  # every error ends in one readable line
         sharding.await_lost_peer(e)
-        _report(e, f.workdir, f.verbose, sharding.process_label())
+        cli.report(e, f.workdir, verbose=f.verbose, process=sharding.process_label())
         _exit_now(1, sharding)
     sharding.leaving_normally()
 
@@ -79,7 +83,7 @@ def _divert_library_errors(workdir: str) -> None:
     of tracebacks) and the trainer then reports it in its own words; their records, failed threads'
     tracebacks and ignored exceptions go to errors.log, not the console."""
     def to_log(text: str) -> None:
-        _append_error_log(workdir, "", text)
+        cli.append_error_log(workdir, "", text)
 
     class ErrorsToLog(std_logging.Filter):
         def filter(self, record):
@@ -105,60 +109,9 @@ def _exit_now(status: int, sharding) -> None:
     sys.exit(status)
 
 
-def _report(error: Exception, workdir: str, verbose: bool, process: str) -> None:
-    """The traceback into WORKDIR/errors.log (and the console with --verbose); the message last."""
-    trace = "".join(traceback.format_exception(error))
-    log = _append_error_log(workdir, process, trace)
-    if verbose:
-        print(trace, file=sys.stderr, end="")
-    where = f" (traceback: {log})" if log and not verbose else ""
-    name = "" if isinstance(error, (ValueError, OSError, FloatingPointError)) else f"{type(error).__name__}: "
-    print(f"error{process}: {name}{error}{where}", file=sys.stderr, flush=True)
-
-
-def _append_error_log(workdir: str, process: str, trace: str) -> str | None:
-    """WORKDIR/errors.log where the workdir exists (a failed first start creates none), else one in
-    the temporary directory."""
-    import tempfile
-    import time
-
-    from masksub_jax import workdir as workdir_lib
-    try:
-        folder = workdir_lib.path(workdir)
-        log = folder / "errors.log" if folder.exists() else (
-            workdir_lib.path(tempfile.gettempdir()) / "masksub_jax_errors.log")
-        old = log.read_text() if log.exists() else ""
-        workdir_lib.write_text(log, f"{old}--- {time.strftime('%Y-%m-%d %H:%M:%S')}{process}\n{trace}")
-        return str(log)
-    except Exception:  # an unwritable workdir may be the error itself
-        return None
-
-
-def parse_flags(argv):
-    """absl's flag parsing; a bad flag or config ends the process with one line (exit 1)."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:
-        print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-def _flag_error_message(error: Exception, argv) -> str:
-    from masksub_jax import config as config_lib
-    known = dict(config_lib.flatten(config_lib.base()))
-    for arg in argv[1:]:
-        key = arg[len("--config."):].partition("=")[0] if arg.startswith("--config.") else None
-        if key is not None and key not in known:
-            return config_lib.unknown_key_message(key)
-    text = str(error)
-    if "Error whilst parsing config file" in text:  # ml_collections puts the config's traceback in it
-        return f"{text.strip().splitlines()[-1]} (from the config file)"
-    return f"{text} (see --helpfull)" if isinstance(error, flags.Error) else f"{type(error).__name__}: {text}"
-
-
 if __name__ == "__main__":
     try:
-        app.run(main, flags_parser=parse_flags)
+        app.run(main, flags_parser=cli.parse_flags)
     except KeyboardInterrupt:
         print("Interrupted (Ctrl-C) during start-up.", flush=True)
         sys.exit(preemption.EXIT_INTERRUPTED)

@@ -8,14 +8,12 @@ The train state is a dict: step, params, opt_state, rng, and the model's other c
 their own names (ResNet's batch_stats), which training updates and checkpoints carry like the rest;
 with config.ema.decay > 0 also "ema", the exponential moving average of those variables.
 """
-import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from masksub_jax import erasing, losses, masksub, mixing, models, optim, pixel_augment
-from masksub_jax.models import layers
 
 
 def make_model(config, num_classes: int):
@@ -89,17 +87,17 @@ def make_input_preview(config, num_classes: int, count: int = 8):
     masking the same with the units the sub-branch does not keep greyed out (else None)."""
     augment = make_augment(config, num_classes)
     mean, std = jnp.asarray(config.data.mean, jnp.float32), jnp.asarray(config.data.std, jnp.float32)
-    num_units = models.of(config).num_units(config)
+    family = models.of(config)
+    draw_kept = models.preview_drawer(family, config)
 
     def preview(batch, rng):
         images, _, rng_loss = augment(batch, rng)
         inputs = jnp.clip(images[:count] * std + mean, 0.0, 1.0)
-        if config.masksub.mode != "masking" or config.masksub.ratio == 0:
+        if config.masksub.mode != "masking" or config.masksub.ratio == 0 or draw_kept is None:
             return inputs, None
-        keep = masksub.keep_indices(masksub.branch_rngs(rng_loss)[2], inputs.shape[0], num_units,
+        keep = masksub.keep_indices(masksub.branch_rngs(rng_loss)[2], inputs.shape[0], family.num_units(config),
                                     config.masksub.ratio)  # example j's units depend only on j
-        unit = inputs.shape[1] // math.isqrt(num_units)  # every family's units are squares in a grid
-        return inputs, layers.keep_blocks(inputs, keep, unit, fill=jnp.full(inputs.shape[-1], 0.5))
+        return inputs, draw_kept(inputs, keep, jnp.full(inputs.shape[-1], 0.5))
     return preview
 
 

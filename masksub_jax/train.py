@@ -98,7 +98,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         state = jax.jit(init, out_shardings=state_sharding)(rng)
         start_step = 0
         if config.init_from:
-            loaded = convert.adapt_variables(convert.read_variables(config.init_from),
+            loaded = convert.adapt_variables(_read_init_from(config.init_from),
                                              jax.device_get(step_lib.variables(state)), family=config.model.family,
                                              say=say)
             for name, value in loaded.items():
@@ -212,6 +212,15 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
         f"Summary: {summary_path}")
     return summary
+
+
+def _read_init_from(path: str) -> dict:
+    """The weights config.init_from names, checked: a workdir's newest checkpoint (its final weights,
+    not an older one in their stead) or converted weights, either damaged an error before any step."""
+    try:
+        return convert.read_variables(path, fall_back=False)
+    except checkpoint.DamagedCheckpointError as e:
+        raise checkpoint.DamagedCheckpointError(f"config.init_from={path!r}: {e}") from None
 
 
 def _fetch_and_check(pending, policy: str, checkpoints, say) -> list[dict]:

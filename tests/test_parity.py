@@ -123,7 +123,8 @@ def test_missing_extra_and_misshapen_keys_are_named(fx):
                               image_size=16)
     with pytest.raises(convert.ConversionError, match="does not fit ViT-S/16"):
         vit.from_timm(sd, variant="S/16", image_size=224)
-    with pytest.raises(convert.ConversionError, match="patch_embed/kernel"):
+    with pytest.raises(convert.ConversionError, match=r"does not fit ViT-parity/8: the weights are ViT-parity/4 "
+                                                      r"\(width 32, depth 2, patch 4\)"):
         vit.from_timm(sd, variant="parity/8", image_size=16)
 
 

@@ -119,9 +119,9 @@ def test_official_deit3_and_augsub_names_load_as_their_timm_twin(deit3):
 
 
 def test_variants_from_timm_names_and_from_the_weights(deit3):
-    assert vit.resolve_variant("deit3_base_patch16_224", deit3) == ("B/16", 224)
-    assert vit.resolve_variant("deit3_medium_patch16_224.fb_in22k_ft_in1k", deit3) == ("M/16", 224)
-    assert vit.resolve_variant("vit_huge_patch14_224.mae", deit3) == ("H/14", 224)
+    assert vit.timm_variant("deit3_base_patch16_224") == ("B/16", 224)
+    assert vit.timm_variant("deit3_medium_patch16_224.fb_in22k_ft_in1k") == ("M/16", 224)
+    assert vit.timm_variant("vit_huge_patch14_224.mae") == ("H/14", 224)
     assert vit.resolve_variant(None, deit3) == ("parity/4", 16)
     assert vit.parse_variant("M/16") == (512, 12, 8, 16)  # deit3_medium
 

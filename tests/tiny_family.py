@@ -3,6 +3,8 @@ whose masking units are the image's rows of pixels (dropped rows are zeroed). Us
 import flax.linen as nn
 import jax.numpy as jnp
 
+CLASSIFIER = "classifier"  # the Dense that gives the logits (the default name is "head")
+
 
 class RowLinear(nn.Module):
     num_classes: int
@@ -12,9 +14,14 @@ class RowLinear(nn.Module):
                  first_example=0):
         del train, dropout_rate, drop_path_rate, first_example
         if keep_idx is not None:
-            kept = jnp.zeros(images.shape[:2], bool).at[jnp.arange(images.shape[0])[:, None], keep_idx].set(True)
-            images = images * kept[:, :, None, None]
-        return nn.Dense(self.num_classes)(images.reshape(images.shape[0], -1))
+            images = images * _kept_rows(images, keep_idx)
+        return nn.Dense(self.num_classes, name=CLASSIFIER)(images.reshape(images.shape[0], -1))
+
+
+def _kept_rows(images, keep_idx):
+    """(batch, rows, 1, 1) booleans: the rows that keep_idx keeps."""
+    kept = jnp.zeros(images.shape[:2], bool).at[jnp.arange(images.shape[0])[:, None], keep_idx].set(True)
+    return kept[:, :, None, None]
 
 
 def describe(config):
@@ -32,3 +39,9 @@ def build(config, num_classes):
 
 def num_units(config):
     return config.data.image_size
+
+
+def draw_kept(config, images, keep_idx, fill):
+    """The input preview: the dropped rows painted `fill`."""
+    del config
+    return jnp.where(_kept_rows(images, keep_idx), images, fill)

@@ -9,16 +9,31 @@ module (e.g. "my_project.my_family"). A family module says
                                             float32 logits. The keywords are MaskSub's corruption
                                             (masksub.corruption): `keep_idx` (batch, kept) indexes the
                                             family's masking units, the two rates replace the model's.
+                                            `first_example` is the index of images[0] in the step's
+                                            batch: draw example i's dropout and drop-path masks from
+                                            fold_in(rng, first_example + i), so that a batch split into
+                                            micro-batches (accum_steps) or over devices is corrupted
+                                            exactly as the whole batch would be.
   num_units(config) -> int                  how many masking units an image has (ViT: patch tokens)
 
 and may say (absent: the default after the colon)
 
   NO_DECAY                                  parameter names without weight decay besides every 1-D
                                             parameter: none
+  CLASSIFIER                                the name of the classifier (the Dense that gives the
+                                            logits) among the parameters: its kernel's last dimension
+                                            is the class count (evaluate.predict), and init_from
+                                            starts it fresh when that differs: "head"
   forward_flops(config, num_classes, kept_units) -> float
                                             matmul FLOPs of one image, for MFU: bench uses XLA's count
   from_timm(state_dict, *, variant, image_size, num_classes) -> params, to_timm(params) -> state dict
                                             `python -m masksub_jax.convert`: "no timm mapping"
+  detect(state_dict) -> dict | None         None unless the key names are the family's; else {"variant",
+                                            "image_size" (None: any), "num_classes", "config": further
+                                            config keys the weights imply}: convert needs --family
+  timm_model(state_dict, variant, image_size) -> (name, kwargs) | None
+                                            the timm.create_model call that loads to_timm's state dict,
+                                            which convert --to_timm prints: none
   fit(loaded, initial, say) -> loaded       config.init_from: the loaded parameters (flat "a/b" names)
                                             fitted to the freshly initialised ones: only a head of
                                             another size is re-initialised
@@ -27,12 +42,22 @@ and may say (absent: the default after the colon)
   STATE_COLLECTIONS                         names of the collections besides params that the model keeps
                                             (ResNet: ("batch_stats",)); its from_timm then returns and
                                             its to_timm takes {"params": ..., name: ...}: none
+  SUB_BRANCHES                              the masksub.mode values whose corruption the model applies
+                                            (masking uses keep_idx, dropout and droppath the rates); any
+                                            other mode is refused by config.validate: ("masking",)
+  draw_kept(config, images, keep_idx, fill) -> images
+                                            the input preview (TensorBoard's sub_branch_inputs): the
+                                            images with the units that keep_idx drops painted `fill`:
+                                            square units in a row-major grid, where num_units is a
+                                            square whose side divides the image; no picture otherwise
 
 A model with such collections updates them in training mode (`apply(..., mutable=[...])`); the
 trainer finds them in `model.init`'s result, keeps them in the train state beside the parameters,
 checkpoints them and evaluates with them.
 """
+import functools
 import importlib
+import math
 
 FAMILIES = ("vit", "swin", "resnet")
 
@@ -56,3 +81,36 @@ def get(family: str):
 
 def of(config):
     return get(config.model.family)
+
+
+def classifier(family) -> str:
+    """The name of `family`'s classifier among its parameters (CLASSIFIER)."""
+    return getattr(family, "CLASSIFIER", "head")
+
+
+def num_classes(family, params: dict) -> int:
+    """The class count of a model's parameters: its classifier's kernel's last dimension."""
+    name = classifier(family)
+    if name not in params or "kernel" not in params[name]:
+        raise ValueError(f"The parameters have no classifier {name!r} with a kernel (they have {sorted(params)}); a "
+                         "family whose classifier is named otherwise says so with CLASSIFIER = NAME "
+                         "(masksub_jax/models/__init__.py).")
+    return int(params[name]["kernel"].shape[-1])
+
+
+def sub_branches(family) -> tuple[str, ...]:
+    """The masksub.mode values besides "none" that `family` implements (SUB_BRANCHES)."""
+    return tuple(getattr(family, "SUB_BRANCHES", ("masking",)))
+
+
+def preview_drawer(family, config):
+    """(images, keep_idx, fill) -> images with the dropped units painted, or None where the family
+    draws none and its units are not squares in a grid (see draw_kept)."""
+    if hasattr(family, "draw_kept"):
+        return functools.partial(family.draw_kept, config)
+    units, size = family.num_units(config), config.data.image_size
+    side = math.isqrt(units)
+    if side * side != units or size % side:
+        return None
+    from masksub_jax.models import layers
+    return lambda images, keep_idx, fill: layers.keep_blocks(images, keep_idx, size // side, fill=fill)

@@ -170,6 +170,7 @@ def parse_variant(variant: str) -> tuple[tuple, int, tuple]:
 # --------------------------------------------------------------------------------------------------
 # The family interface (masksub_jax/models/__init__.py).
 STATE_COLLECTIONS = ("batch_stats",)
+SUB_BRANCHES = ("masking", "droppath")  # no dropout sub-branch, as in the official code
 
 
 def describe(config) -> str:
@@ -181,9 +182,6 @@ def check(config) -> None:
         parse_variant(config.model.variant)
     except ValueError as e:
         raise ValueError(f"Config model.variant={config.model.variant!r} is invalid: {e}") from None
-    if config.masksub.mode == "dropout":
-        raise ValueError("Config masksub.mode='dropout' is invalid: ResNet has no dropout sub-branch (the "
-                         "official code has masking only); use masking or droppath.")
     size, block = config.data.image_size, config.masksub.block_size
     if block < 1 or size % block:
         raise ValueError(f"Config masksub.block_size={block!r} is invalid: the zeroed squares must tile "
@@ -277,20 +275,60 @@ def _timm_name(ours: str) -> str:
     return f"{_timm_module('/'.join(path)).replace('/', '.')}.{_LEAF_TO_TIMM[leaf]}"
 
 
-def from_timm(state_dict, *, variant: str | None, image_size: int | None = None,
-              num_classes: int | None = None) -> dict:
-    """A timm ResNet state dict (e.g. resnet50.a2_in1k, or the official augsub checkpoints) as our
-    variables {"params": ..., "batch_stats": ...}. The head is left out when its class count differs
-    from `num_classes`. Raises ConversionError naming missing, unexpected and misshapen keys."""
-    del image_size  # a ResNet's weights fit every image size
+def _canonical(state_dict) -> dict:
+    return {k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def _shape_variant(sd: dict) -> tuple[str | None, str]:
+    """(our variant with the weights' blocks per stage, stem and stage widths, or None; what the shapes say)."""
+    depths = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    stem = sd["conv1.weight"].shape[0] if "conv1.weight" in sd else 0
+    widths = tuple(sd[f"layer{i}.0.conv1.weight"].shape[0] if f"layer{i}.0.conv1.weight" in sd else 0
+                   for i in range(1, 5))
+    names = [name for name, shape in VARIANTS.items() if shape == (depths, stem, widths)]
+    return (names[0] if names else None), f"blocks per stage {depths}, stem width {stem}, stage widths {widths}"
+
+
+def resolve_variant(variant: str | None, sd: dict) -> str:
+    """The given variant, else the weights'. A variant of other shapes than the weights' is an error
+    naming both."""
+    found, shapes = _shape_variant(sd)
     if variant is None:
-        raise ConversionError(f"ResNet weights need --variant ({', '.join(v for v in VARIANTS if v != 'mu')}).")
+        if found is None:
+            raise ConversionError(f"ResNet weights of {shapes} are none of our ResNet variants {sorted(VARIANTS)}; "
+                                  "add the size to models/resnet.py VARIANTS.")
+        return found
     try:
         parse_variant(variant)
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    sd = {k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()
-          if not k.endswith("num_batches_tracked")}
+    if found is not None and found != variant and VARIANTS[found] != VARIANTS[variant]:
+        raise ConversionError(f"The checkpoint does not fit ResNet-{variant}: the weights are ResNet-{found} "
+                              f"({shapes}). Leave out --variant to read it from the weights.")
+    return variant
+
+
+def detect(state_dict) -> dict | None:
+    """What a state dict says of itself if its key names are a ResNet's (conv1, bn1, layer1.0.conv1),
+    else None: {"variant", "image_size": None (a ResNet fits any), "num_classes" (0: no head), "config": {}}."""
+    sd = _canonical(state_dict)
+    if not {"conv1.weight", "bn1.weight", "layer1.0.conv1.weight"} <= set(sd):
+        return None
+    head = sd.get("fc.weight")
+    return {"variant": resolve_variant(None, sd), "image_size": None,
+            "num_classes": 0 if head is None else head.shape[0], "config": {}}
+
+
+def from_timm(state_dict, *, variant: str | None = None, image_size: int | None = None,
+              num_classes: int | None = None) -> dict:
+    """A timm ResNet state dict (e.g. resnet50.a2_in1k, or the official augsub checkpoints) as our
+    variables {"params": ..., "batch_stats": ...}; `variant` defaults to the weights' (detect). The head
+    is left out when its class count differs from `num_classes`. Raises ConversionError naming
+    missing, unexpected and misshapen keys."""
+    del image_size  # a ResNet's weights fit every image size
+    sd = _canonical(state_dict)
+    variant = resolve_variant(variant, sd)
     channels = sd["conv1.weight"].shape[1] if "conv1.weight" in sd else 3
     has_head = "fc.weight" in sd and (num_classes is None or sd["fc.weight"].shape[0] == num_classes)
     shapes = _expected_shapes(variant, channels, sd["fc.weight"].shape[0] if has_head else 0)
@@ -314,3 +352,21 @@ def to_timm(variables) -> dict[str, np.ndarray]:
     for name in [k for k in out if k.endswith("running_var")]:
         out[name.replace("running_var", "num_batches_tracked")] = np.zeros((), np.int64)
     return out
+
+
+def timm_model(state_dict: dict, variant: str, image_size: int | None = None) -> tuple[str, dict] | None:
+    """The `timm.create_model` name and keyword arguments (besides num_classes) of the model that
+    `state_dict` (to_timm's) loads into: resnet50/101/152, or resnet50 with our variant's blocks and
+    widths. None where timm has no such model: its 7x7 stem is always 64 channels wide."""
+    del image_size  # a ResNet takes any
+    depths, stem_width, widths = parse_variant(variant)
+    if stem_width != 64:
+        return None
+    name = variant if variant in ("101", "152") else "50"
+    kwargs = {}
+    if (depths, widths) != (VARIANTS[name][0], VARIANTS[name][2]):
+        kwargs.update(layers=depths, channels=widths)
+    channels = state_dict["conv1.weight"].shape[1]
+    if channels != 3:
+        kwargs["in_chans"] = channels
+    return f"resnet{name}", kwargs

@@ -14,6 +14,7 @@ How MaskSub corrupts the input of this model (the sub-branch forward):
   dropout:   `dropout_rate` replaces the dropout of the attention projection and both MLP layers.
   droppath:  `drop_path_rate` replaces the drop-path rate of every block (constant over depth).
 """
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -219,6 +220,7 @@ class Swin(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The family interface (masksub_jax/models/__init__.py).
 NO_DECAY = ("mask_token", "relative_position_bias_table", "absolute_pos_embed")
+SUB_BRANCHES = ("masking", "dropout", "droppath")
 
 
 def describe(config) -> str:
@@ -332,13 +334,77 @@ def _to_timm_layout(sd: dict, variant: str, image_size: int) -> dict:
     return out
 
 
-def from_timm(state_dict, *, variant: str | None, image_size: int | None, num_classes: int | None = None) -> dict:
-    """A timm (or original Microsoft / augsub) Swin state dict as our parameter tree. The head is left
-    out when absent or of another class count; mask_token (only augsub checkpoints have one) likewise.
-    Raises ConversionError naming missing, unexpected and misshapen keys."""
-    if variant is None or image_size is None:
-        raise ConversionError("Swin weights need --variant (T/4, S/4, B/4) and --image_size.")
-    sd = _to_timm_layout({k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()}, variant, image_size)
+_TABLE = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$")
+
+
+def _shape_variant(sd: dict) -> tuple[str | None, str, int | None]:
+    """(our variant whose embed dim, depths, heads and windows the weights have, or None; what the
+    shapes say; the image size they were made for: the smallest whose stages fill the windows, as
+    timm's swin_*_window7_224). The relative position tables give each stage's window (or its grid,
+    where that is smaller) and heads; the original layout has the same tables as timm's."""
+    tables = {(int(m[1]), int(m[2])): sd[k].shape for k in sd if (m := _TABLE.match(k))}
+    stages = 1 + max(i for i, _ in tables)
+    if any((stage, 0) not in tables for stage in range(stages)):
+        return None, f"relative position tables of blocks {sorted(tables)}", None
+    depths = tuple(sum(1 for i, _ in tables if i == stage) for stage in range(stages))
+    heads = tuple(tables[stage, 0][1] for stage in range(stages))
+    windows = [(int(round(np.sqrt(tables[stage, 0][0]))) + 1) // 2 for stage in range(stages)]
+    width, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
+    image_size = windows[-1] * patch * 2 ** (stages - 1)
+    shapes = f"embed dim {width}, depths {depths}, heads {heads}, windows {windows}, patch {patch}"
+    for name, (w, d, h, _) in VARIANTS.items():
+        if (w, d, h) == (width, depths, heads):
+            try:
+                fits = [window for _, window, _ in stage_geometry(f"{name}/{patch}", image_size)] == windows
+            except ValueError:
+                fits = False
+            if fits:
+                return f"{name}/{patch}", shapes, image_size
+    return None, shapes, None
+
+
+def _canonical(state_dict) -> dict:
+    return {k.removeprefix("module."): np.asarray(v) for k, v in state_dict.items()}
+
+
+def resolve_variant(variant: str | None, image_size: int | None, state_dict) -> tuple[str, int]:
+    """(our variant, image size): the given ones, else the weights' (see _shape_variant). A variant of
+    other shapes than the weights' is an error naming both."""
+    found, shapes, made_for = _shape_variant(_canonical(state_dict))
+    if variant is None and found is None:
+        raise ConversionError(f"Swin weights of {shapes} are none of our Swin variants {sorted(VARIANTS)}; add "
+                              "the size to models/swin.py VARIANTS.")
+    if variant is not None and found is not None and parse_variant(variant) != parse_variant(found):
+        raise ConversionError(f"The checkpoint does not fit Swin-{variant}: the weights are Swin-{found} ({shapes}). "
+                              "Leave out --variant to read it from the weights.")
+    variant = variant or found
+    if image_size is None and made_for is None:  # weights of no variant of ours: the given variant's size
+        _, depths, _, window, patch = parse_variant(variant)
+        made_for = window * patch * 2 ** (len(depths) - 1)
+    return variant, image_size or made_for
+
+
+def detect(state_dict) -> dict | None:
+    """What a state dict says of itself if its key names are a Swin's (layers.N.blocks.M.attn.
+    relative_position_bias_table, timm's layout or the original one), else None: {"variant",
+    "image_size", "num_classes" (0: no head), "config": {}}."""
+    sd = _canonical(state_dict)
+    if "patch_embed.proj.weight" not in sd or not any(map(_TABLE.match, sd)):
+        return None
+    variant, image_size = resolve_variant(None, None, sd)
+    head = sd.get("head.fc.weight", sd.get("head.weight"))
+    return {"variant": variant, "image_size": image_size, "num_classes": 0 if head is None else head.shape[0],
+            "config": {}}
+
+
+def from_timm(state_dict, *, variant: str | None = None, image_size: int | None = None,
+              num_classes: int | None = None) -> dict:
+    """A timm (or original Microsoft / augsub) Swin state dict as our parameter tree. `variant` and
+    `image_size` default to what the weights say (detect). The head is left out when absent or of
+    another class count; mask_token (only augsub checkpoints have one) likewise. Raises
+    ConversionError naming missing, unexpected and misshapen keys."""
+    variant, image_size = resolve_variant(variant, image_size, state_dict)
+    sd = _to_timm_layout(_canonical(state_dict), variant, image_size)
     channels = sd["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in sd else 3
     has_head = "head.fc.weight" in sd and (num_classes is None or sd["head.fc.weight"].shape[0] == num_classes)
     shapes = _expected_shapes(variant, image_size, channels, sd["head.fc.weight"].shape[0] if has_head else 0)
@@ -370,3 +436,25 @@ def to_timm(params) -> dict[str, np.ndarray]:
     loads it with `load_state_dict(strict=True)`). timm's Swin has no mask_token: it is left out."""
     return {_timm_name(k): np.ascontiguousarray(linear_to_timm(k, v))
             for k, v in flatten(params).items() if k != "mask_token"}
+
+
+_TIMM_MODELS = {"T": "swin_tiny_patch4_window7_224", "S": "swin_small_patch4_window7_224",
+                "B": "swin_base_patch4_window7_224"}
+
+
+def timm_model(state_dict: dict, variant: str, image_size: int) -> tuple[str, dict]:
+    """The `timm.create_model` name and keyword arguments (besides num_classes) of the model that
+    `state_dict` (to_timm's) loads into: a swin_*_window7_224 model, with what differs from it."""
+    width, depths, heads, window, patch = parse_variant(variant)
+    size = variant.split("/")[0]
+    base = size if size in _TIMM_MODELS else "T"
+    kwargs = {}
+    if (width, depths, heads, window) != VARIANTS[base]:
+        kwargs.update(embed_dim=width, depths=depths, num_heads=heads, window_size=window)
+    if patch != 4:
+        kwargs["patch_size"] = patch
+    kwargs["img_size"] = image_size
+    channels = state_dict["patch_embed.proj.weight"].shape[1]
+    if channels != 3:
+        kwargs["in_chans"] = channels
+    return _TIMM_MODELS[base], kwargs

@@ -179,6 +179,7 @@ class ViT(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The family interface (masksub_jax/models/__init__.py).
 NO_DECAY = ("pos_embed", "cls_token")
+SUB_BRANCHES = ("masking", "dropout", "droppath")
 POOLS = ("token", "avg")
 
 
@@ -273,23 +274,66 @@ def _has_cls_slot(positions: int) -> bool:
     return grid > 0 and grid * grid + 1 == positions
 
 
-def resolve_variant(variant: str | None, sd: dict) -> tuple[str, int]:
-    """(our variant, the image size the weights were made for) from a variant ('B/16'), a timm model
-    name ('deit3_base_patch16_224') or, if None, the weights' own shapes."""
+def _shape_variant(sd: dict) -> tuple[str | None, tuple[int, int, int], int]:
+    """(our variant whose width and depth the weights have, or None; their (width, depth, patch); the
+    image size they were made for)."""
     width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     positions = sd["pos_embed"].shape[1]
     made_for = int(round(np.sqrt(positions - _has_cls_slot(positions)))) * patch
+    names = [name for name, (w, d, _) in VARIANTS.items() if (w, d) == (width, depth)]
+    return (f"{names[0]}/{patch}" if names else None), (width, depth, patch), made_for
+
+
+def _shapes(width: int, depth: int, patch: int) -> str:
+    return f"width {width}, depth {depth}, patch {patch}"
+
+
+def timm_variant(name: str) -> tuple[str, int | None]:
+    """Our variant and the image size of a timm model name ('deit3_base_patch16_224' -> ('B/16', 224));
+    any other name as it is, without a size."""
+    match = _TIMM_NAME.match(name)
+    if match is None:
+        return name, None
+    return f"{_TIMM_SIZES[match.group(1)]}/{match.group(2)}", int(match.group(3))
+
+
+def resolve_variant(variant: str | None, sd: dict) -> tuple[str, int]:
+    """(our variant, the image size the weights were made for) from a variant ('B/16'), a timm model
+    name ('deit3_base_patch16_224') or, if None, the weights' own shapes. A variant of another width,
+    depth or patch size than the weights' is an error naming both."""
+    found, shapes, made_for = _shape_variant(sd)
     if variant is None:
-        names = [name for name, (w, d, _) in VARIANTS.items() if (w, d) == (width, depth)]
-        if not names:
-            raise ConversionError(f"Width {width} and depth {depth} are none of our ViT variants {sorted(VARIANTS)}; "
-                                  "add the size to models/vit.py VARIANTS.")
-        return f"{names[0]}/{patch}", made_for
-    match = _TIMM_NAME.match(variant)
-    if match:
-        return f"{_TIMM_SIZES[match.group(1)]}/{match.group(2)}", int(match.group(3))
-    return variant, made_for
+        if found is None:
+            raise ConversionError(f"ViT weights of {_shapes(*shapes)} are none of our ViT variants "
+                                  f"{sorted(VARIANTS)}; add the size to models/vit.py VARIANTS.")
+        return found, made_for
+    variant, named_size = timm_variant(variant)
+    width, depth, _, patch = parse_variant(variant)
+    if found is not None and (width, depth, patch) != shapes:
+        raise ConversionError(f"The checkpoint does not fit ViT-{variant}: the weights are ViT-{found} "
+                              f"({_shapes(*shapes)}). Leave out --variant to read it from the weights.")
+    return variant, named_size or made_for
+
+
+_QKV = re.compile(r"^blocks\.\d+\.attn\.qkv\.weight$")
+
+
+def detect(state_dict) -> dict | None:
+    """What a state dict says of itself if its key names are a ViT's (cls_token, pos_embed,
+    blocks.N.attn.qkv), else None: {"variant", "image_size" (what pos_embed was made for),
+    "num_classes" (0: no head), "config": the further config keys the weights imply}."""
+    sd = _canonical(state_dict)
+    if not ({"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(sd) and any(map(_QKV.match, sd))):
+        return None
+    variant, image_size = resolve_variant(None, sd)
+    # LayerScale's presence: weights with it need a model with it (its init value is overwritten).
+    config = {"model.layerscale_init": 1e-4 if "blocks.0.ls1.gamma" in sd else 0.0}
+    if "fc_norm.weight" in sd:
+        config["model.pool"] = "avg"
+    head = sd.get("head.weight")
+    return {"variant": variant, "image_size": image_size, "num_classes": 0 if head is None else head.shape[0],
+            "config": config}
 
 
 def _canonical(state_dict) -> dict:
@@ -387,6 +431,35 @@ def to_timm(params) -> dict[str, np.ndarray]:
     if unknown:
         raise ConversionError(f"Not parameters of our ViT: {listed(unknown)}.")
     return {names[k]: np.ascontiguousarray(linear_to_timm(k, v)) for k, v in flat.items()}
+
+
+# The timm models our variants are built from (timm has no deit3_tiny: ViT-Ti is deit3_small, narrower).
+_TIMM_MODELS = {"S": "deit3_small_patch16_224", "M": "deit3_medium_patch16_224", "B": "deit3_base_patch16_224",
+                "L": "deit3_large_patch16_224", "H": "deit3_huge_patch14_224"}
+
+
+def timm_model(state_dict: dict, variant: str, image_size: int) -> tuple[str, dict]:
+    """The `timm.create_model` name and keyword arguments (besides num_classes) of the model that
+    `state_dict` (to_timm's) loads into: a deit3_* model, with what differs from it (width, depth,
+    heads, patch, image size, channels; no LayerScale and global-pool fc_norm for MAE's ViT)."""
+    width, depth, heads, patch = parse_variant(variant)
+    name = _TIMM_MODELS.get(variant.split("/")[0], _TIMM_MODELS["S"])
+    timm_size, timm_patch, _ = _TIMM_NAME.match(name).groups()
+    timm_width, timm_depth, timm_heads = VARIANTS[_TIMM_SIZES[timm_size]]
+    kwargs = {}
+    if (width, depth, heads) != (timm_width, timm_depth, timm_heads):
+        kwargs.update(embed_dim=width, depth=depth, num_heads=heads)
+    if patch != int(timm_patch):
+        kwargs["patch_size"] = patch
+    kwargs["img_size"] = image_size
+    channels = state_dict["patch_embed.proj.weight"].shape[1]
+    if channels != 3:
+        kwargs["in_chans"] = channels
+    if "blocks.0.ls1.gamma" not in state_dict:
+        kwargs["init_values"] = 0  # no LayerScale (create_model drops keyword arguments of None)
+    if "fc_norm.weight" in state_dict:
+        kwargs["global_pool"] = "avg"  # timm then uses fc_norm and no final norm, as our pool="avg"
+    return name, kwargs
 
 
 def fit(loaded: dict, initial: dict, say) -> dict:
