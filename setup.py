@@ -7,25 +7,33 @@ import setuptools
 HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "masksub_jax" / "__init__.py").read_text()).group(1)
 
-# Compatible ranges: each lower bound is the version CI tests (the whole tested set, pinned, is
-# constraints.txt, which the README's commands install with); upper bounds only for a known break.
+# Compatible ranges; upper bounds only for a known break. Each lower bound here is the oldest version that
+# works: CI's second job installs constraints-min.txt (every lower bound here and in the test extra,
+# pinned) in a fresh venv and runs the smoke tests (`pytest -m smoke`); the comments say what rules out
+# the release before. The extras' bounds are the versions CI tests (tools, not lowered). The newest set
+# CI tests, pinned, is constraints.txt (the README's commands).
 INSTALL_REQUIRES = [
     "jax>=0.10.2",
-    "flax>=0.12.8",
-    "optax>=0.2.8",
-    "orbax-checkpoint>=0.12.8",
-    "chex>=0.1.92",
-    "clu>=0.0.12",
-    "ml-collections>=1.1.0",
-    "absl-py>=2.5.1",
-    "numpy>=2.4",
-    "tensorflow-cpu>=2.21.0",  # tf.data only; the smaller wheel (GPU and TPU runs use JAX's backend)
-    "tensorflow-datasets>=4.9.10",
-    "importlib_resources>=7.1.0",  # tensorflow-datasets 4.9.10 uses it on Python 3.11 without declaring it
-    "array-record>=0.8.6",  # TFDS's array_record files: the train and eval data are read by example index
-    "tensorboard>=2.21.0",
-    "scikit-learn>=1.9.1",  # the embedded digits data set ships inside scikit-learn (no download)
-    "safetensors>=0.8.0",  # weight files in and out (masksub_jax.convert) without torch and without pickles
+    "flax>=0.10.0",  # 0.9 does not trace under jax 0.10 (it reads trace levels jax no longer has)
+    "optax>=0.2.5",  # optax.tree (the gradient norm in step.py) is new in 0.2.5
+    "orbax-checkpoint>=0.11.22",  # before it, Checkpointer.metadata() has no .item_metadata: nothing restores
+    "chex>=0.1.87",  # what optax 0.2.5 asks for
+    "clu>=0.0.11",  # 0.0.10 pins numpy 1.23.1
+    "ml-collections>=1.0.0",  # config_flags' accept_new_attributes (the command lines) is new in 1.0.0
+    "absl-py>=1.0.0",  # what tensorflow-cpu 2.20 asks for
+    "numpy>=2.0.0",  # what jax 0.10 asks for
+    # tf.data only; the smaller wheel (GPU and TPU runs use JAX's backend). 2.19 caps protobuf below 6,
+    # which tensorflow-metadata's generated code refuses; 2.18 caps ml_dtypes below what jax needs.
+    "tensorflow-cpu>=2.20.0",
+    "tensorflow-datasets>=4.9.10",  # 4.9.9 and older fail on protobuf 7 (FieldDescriptor.label is gone)
+    # tensorflow-datasets imports it without declaring it; before 5.2.1 it imports typing.io, which Python 3.13 removed
+    "importlib_resources>=5.2.1",
+    "array-record>=0.5.0",  # TFDS's array_record files: the train and eval data are read by example index
+    "tensorboard>=2.20.0",  # what tensorflow-cpu 2.20 asks for
+    "scikit-learn>=1.4.2",  # the embedded digits data set (no download); 1.4.2 is the first built for numpy 2
+    # weight files in and out (masksub_jax.convert) without torch and without pickles; 0.2.6 is the first
+    # with a Python 3.11 wheel (older ones build from Rust source)
+    "safetensors>=0.2.6",
 ]
 
 # The quickstart notebook and the study's plot; nbclient and ipykernel run the notebook in CI.

@@ -21,6 +21,12 @@ from masksub_jax import config as config_lib
 from masksub_jax.data import digits
 
 
+def pytest_configure(config):
+    """Registers the `smoke` marker: the few fast tests CI runs on the oldest versions setup.py accepts."""
+    config.addinivalue_line("markers", "smoke: a fast test of one part (train loop, resume, TFDS digits, evaluate, "
+                                       "convert, augmentation); `pytest -m smoke` runs them on constraints-min.txt")
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """A TFDS data dir with the digits data set prepared (once per test process)."""

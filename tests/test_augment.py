@@ -48,6 +48,7 @@ def test_jpeg_crop_decodes_the_same_pixels_as_decode_then_crop(photo):
         assert diff.mean() < 0.5 and diff[3:-3, 3:-3].max() <= 2
 
 
+@pytest.mark.smoke
 def test_bicubic_resize_matches_pil(photo):
     assert _diff(augment.to_uint8(augment.resize(photo, (30, 40))),
                  Image.fromarray(photo).resize((40, 30), Image.BICUBIC)).max() <= 1
@@ -83,6 +84,7 @@ def test_solarize_inverts_from_the_threshold_up():
     np.testing.assert_array_equal(augment.solarize(x), np.where(x >= 128, 255 - x, x))
 
 
+@pytest.mark.smoke
 def test_gaussian_blur_matches_scipy_and_pil(photo):
     for sigma in (0.1, 1.3, 2.0):
         expected = scipy.ndimage.gaussian_filter(photo.astype(np.float64), (sigma, sigma, 0), mode="reflect",
@@ -159,6 +161,7 @@ PIL_OPS = {  # name: (our argument, what PIL does with it), at timm's magnitude-
 
 
 @pytest.mark.parametrize("name", sorted(PIL_OPS))
+@pytest.mark.smoke
 def test_randaugment_op_matches_pil(name, photo):
     argument, pil_op = PIL_OPS[name]
     op = ra.OP_TABLE[name][0]

@@ -135,13 +135,14 @@ def test_a_family_or_variant_that_disagrees_with_the_weights_is_one_line_naming_
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.smoke
 def test_to_timm_reads_the_family_and_image_size_from_the_workdir(tmp_path):
     """A Swin run at 32 px (its weights alone would say 16: the smallest size its windows fill)."""
     run = str(tmp_path / "run")
     config = {"model.family": "swin", "model.variant": "mu/2", "data.image_size": 32}
     variables = _random_variables(swin.Swin(num_classes=5, variant="mu/2", block_size=8), 32)
     with checkpoint.Checkpoints(run) as checkpoints:  # what the trainer writes
-        checkpoints.save({"step": np.int32(1), **variables})
+        checkpoints.save({"step": jnp.asarray(1, jnp.int32), **variables})
     workdir.record_start(run, config)
     done = _convert("--to_timm", f"--from={run}", f"--to={tmp_path / 'swin.npz'}")
     assert done.returncode == 0, done.stderr

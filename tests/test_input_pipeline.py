@@ -44,6 +44,7 @@ def _indices(source, step):
 
 
 @pytest.mark.parametrize("recipe", ["3augment", "rand-m9-mstd0.5-inc1", "rand-m7-mstd0.5", "crop_flip"])
+@pytest.mark.smoke
 def test_train_batches_have_the_configured_shape_dtype_and_labels(jpeg_dir, recipe):
     source = _source(jpeg_dir, **{"data.augment": recipe})
     for batch in _take(source.train_batches(), 2):
@@ -187,6 +188,7 @@ def test_unprepared_and_tfrecord_data_sets_name_the_prepare_command(tmp_path, jp
         _source(jpeg_dir, **{"data.eval_split": "nope"})
 
 
+@pytest.mark.smoke
 def test_prepare_builds_array_record_once(tmp_path):
     data_dir = str(tmp_path)
     assert "Prepared" in prepare.prepare("generated_jpegs/tiny", data_dir)

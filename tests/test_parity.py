@@ -128,6 +128,7 @@ def test_missing_extra_and_misshapen_keys_are_named(fx):
         vit.from_timm(sd, variant="parity/8", image_size=16)
 
 
+@pytest.mark.smoke
 def test_weight_files_load_without_pickles(fx, tmp_path):
     from safetensors.numpy import save_file
     sd = _state_dict(fx, "deit3")
@@ -144,6 +145,7 @@ def test_weight_files_load_without_pickles(fx, tmp_path):
         convert.read_weights(str(tmp_path / "w.ckpt"))
 
 
+@pytest.mark.smoke
 def test_convert_cli_then_init_from_in_the_trainer(fx, tmp_path):
     """timm weights -> `python -m masksub_jax.convert` -> config.init_from: the run starts from them."""
     from safetensors.numpy import save_file

@@ -32,6 +32,7 @@ def _assert_equal_pixels(device, host):
 
 @pytest.mark.parametrize("name", ["grayscale", "solarize", "gaussian_blur", "adjust_brightness", "adjust_contrast",
                                   "adjust_saturation"])
+@pytest.mark.smoke
 def test_each_device_op_equals_its_host_version(name):
     device_op, host_op = getattr(pixel_augment, name), getattr(augment, name)
     x = jnp.asarray(IMAGES, jnp.float32)

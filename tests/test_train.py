@@ -25,6 +25,7 @@ def _metrics(workdir):
         return [json.loads(line) for line in f if '"step"' in line]
 
 
+@pytest.mark.smoke
 def test_masksub_run_learns_and_writes_its_outputs(finished_run):
     config, workdir, summary = finished_run
     logged = [m for m in _metrics(workdir) if "train/loss" in m]
@@ -43,6 +44,7 @@ def test_masksub_run_learns_and_writes_its_outputs(finished_run):
     assert summary["history"] == _metrics(workdir)  # run() hands back what it logged
 
 
+@pytest.mark.smoke
 def test_tensorboard_groups_train_and_eval_and_shows_the_first_inputs(finished_run):
     from tensorboard.backend.event_processing import event_accumulator
     _, workdir, _ = finished_run
@@ -76,6 +78,7 @@ def test_input_preview_greys_out_exactly_the_units_the_sub_branch_drops(digits_d
             np.testing.assert_array_equal(sub_inputs[i][block], want)
 
 
+@pytest.mark.smoke
 def test_evaluate_and_predict_reproduce_the_runs_result(finished_run):
     from masksub_jax import evaluate
     from masksub_jax.data import pipeline
@@ -98,6 +101,7 @@ def test_finished_run_says_so_and_does_nothing(finished_run, capsys):
     assert "already finished at step 60" in capsys.readouterr().out
 
 
+@pytest.mark.smoke
 def test_resumed_run_equals_uninterrupted_run(finished_run, tmp_path):
     """Resuming from the step-20 checkpoint reproduces the uninterrupted run's parameters exactly."""
     config, workdir, _ = finished_run

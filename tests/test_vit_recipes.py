@@ -217,6 +217,7 @@ def test_the_224_fine_tune_starts_from_a_smaller_pretraining_workdir(name, pretr
     assert "resampled pos_embed from (1, 9, 64) to (1, 16, 64)" in capsys.readouterr().out
 
 
+@pytest.mark.smoke
 def test_export_to_timm_from_the_command_line(deit3, tmp_path):
     convert.save_params(vit.from_timm(deit3, variant="parity/4", image_size=16), str(tmp_path / "ours"))
     convert.main(["--to_timm", f"--from={tmp_path / 'ours'}", f"--to={tmp_path / 'timm.safetensors'}"])

@@ -97,6 +97,7 @@ def _main(tmp_path, digits_dir, *args, config="configs/digits.py"):
      "error: Unknown config key 'nothing.here'."),
     ([], "configs/digits.py:epochs=9", "error: ValueError: Unknown config argument 'epochs'"),
 ])
+@pytest.mark.smoke
 def test_a_bad_command_line_ends_with_one_line_and_status_1(tmp_path, digits_dir, args, config, message):
     done = _main(tmp_path, digits_dir, *args, config=config)
     assert done.returncode == 1, done.stdout + done.stderr
