@@ -352,11 +352,38 @@ def _read_step(mngr, workdir: str, step: int, ema: bool) -> tuple[dict | None, s
     except NoAverageError:
         raise
     except Exception as e:
+        _silence_echoes_of(e)
         return None, f"it cannot be read ({_in_brief(e)})"
     problem = damage(tree, record)
     if problem is not None:
         return None, problem
     return (tree["ema"] if ema else tree), None
+
+
+_REPORTED_READ_ERRORS: set[str] = set()
+
+
+def _silence_echoes_of(error: Exception) -> None:
+    """A failed Orbax read leaves TensorStore reads in flight: later, each of them reports the same
+    error once more as an asyncio task's "exception never retrieved", and their callbacks into
+    Orbax's closed event loop print "Event loop is closed" tracebacks (sys.unraisablehook), hundreds
+    of lines after the reader has named the damage in one. Those two, and only those, are dropped."""
+    _REPORTED_READ_ERRORS.add(str(error))
+    if getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+    class ReportedAlready(logging.Filter):
+        def filter(self, record):
+            error = record.exc_info[1] if record.exc_info else None
+            return error is None or str(error) not in _REPORTED_READ_ERRORS
+    logging.getLogger("asyncio").addFilter(ReportedAlready())
 
 
 def _damage_message(workdir: str, damaged: list[tuple[int, str]], steps: list[int]) -> str:

@@ -77,7 +77,9 @@ def load_variables(config, path: str, num_classes: int, *, ema: bool = False, sa
     workdir (its newest intact checkpoint, a damaged one skipped and said; with `ema`, its moving
     average) or weights written by `python -m masksub_jax.convert`, checked against their checksums
     and adapted to the model as `config.init_from` is (a new head or image size is said, not
-    silent). NumPy arrays."""
+    silent). NumPy arrays. Weights of another family or variant than the config's, as far as their
+    record says (init_from.check), are an error before anything is read."""
+    init_from.check(config, path, flag="path")
     return fit_variables(config, convert.read_variables(path, ema=ema, say=say), num_classes, say=say)
 
 
@@ -159,8 +161,11 @@ def check_images(config, images) -> None:
         raise ValueError(f"{takes}; got {dtype or type(images).__name__} images. Pass the 0-255 pixels as uint8: "
                          "predict normalises them with config.data.mean and std itself.")
     if len(shape) != 4:
-        hint = " (one image: images[None])" if len(shape) == 3 else ""
+        hint = (" (one image: images[None])" if shape == (size, size, channels) else
+                " (single-channel images: images[..., None])" if shape[1:] == (size, size) and channels == 1 else "")
         raise ValueError(f"{takes}; got shape {shape}{hint}.")
+    if shape[0] == 0:
+        raise ValueError(f"{takes}; got no images (shape {shape}).")
     if shape[1:] != (size, size, channels):
         fix = (f"resize them to {size}x{size}" if shape[3] == channels else
                f"give them {channels} channel(s), or use a config whose data.mean has {shape[3]}")
@@ -198,6 +203,9 @@ def command_config(config_flag, workdir: str | None, say=print):
         return config_flag.value
     if not workdir_lib.path(workdir).exists():
         raise FileNotFoundError(f"--workdir={workdir} does not exist; give a training workdir.")
+    if not (workdir_lib.path(workdir) / "checkpoints").exists():
+        raise FileNotFoundError(f"--workdir={workdir} is not a training workdir (it has no checkpoints/); give the "
+                                "--workdir a run trained in, or --init_from converted weights with --config.")
     config = run_config(workdir, overrides)
     if config is None:
         if config_flag.present:  # a run that has not recorded its config (it never took a step)

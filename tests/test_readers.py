@@ -130,8 +130,8 @@ def test_evaluate_mistakes_are_one_line(run, tmp_path):
     done = _run(["masksub_jax.evaluate", f"--init_from={run[0]}"])
     assert "--init_from needs --config=FILE" in _one_error_line(done)
     os.makedirs(tmp_path / "empty")
-    done = _run(["masksub_jax.evaluate", f"--workdir={tmp_path / 'empty'}"])
-    assert "has no config.json" in _one_error_line(done)
+    done = _run(["masksub_jax.evaluate", f"--workdir={tmp_path / 'empty'}", "--config=digits"])
+    assert f"--workdir={tmp_path / 'empty'} is not a training workdir (it has no checkpoints/)" in _one_error_line(done)
     (tmp_path / "vit_s.npz").write_bytes(b"")
     done = _run(["masksub_jax.evaluate", "--config=configs/digits.py", f"--init_from={tmp_path / 'vit_s.npz'}"])
     assert "is a weight file; convert it first: `python -m masksub_jax.convert" in _one_error_line(done)
@@ -186,6 +186,23 @@ def test_load_variables_checks_what_it_reads_and_moves_nothing(run, tmp_path, ca
     with pytest.raises(checkpoint.DamagedCheckpointError, match=r"e\.g\. \['ema'\]"):
         checkpoint.load_variables(workdir, step=4, ema=True)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_a_truncated_array_file_is_named_in_one_line_without_tracebacks_after_it(run, tmp_path):
+    """An emptied file fails the read while TensorStore still has reads in flight, whose late
+    callbacks printed hundreds of "Event loop is closed" tracebacks after the warning."""
+    workdir = _copy(run, tmp_path)
+    data = os.path.join(workdir, "checkpoints", "6", "default", "ocdbt.process_0", "d")
+    for name in os.listdir(data):
+        open(os.path.join(data, name), "w").close()
+    script = ("import gc\nfrom masksub_jax import checkpoint\n"
+              f"for _ in range(6):\n    checkpoint.load_variables({workdir!r})\ngc.collect()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "checkpoint" in line]
+    assert len(said) == 6 and all("step 6" in line and "cannot be read" in line for line in said), said[:12]
 
 
 def test_converted_weights_are_checked_against_the_checksums_written_with_them(run, tmp_path):
@@ -264,9 +281,14 @@ def test_predict_names_the_images_it_takes(run, digits_dir):
     for images, said in [(good.astype(np.float32) / 255, r"got float32 images\. Pass the 0-255 pixels as uint8"),
                          (np.zeros((2, 16, 16, 1), np.uint8), r"got shape \(2, 16, 16, 1\): resize them to 8x8"),
                          (np.zeros((2, 8, 8, 3), np.uint8), r"give them 1 channel\(s\)"),
-                         (good[0], r"got shape \(8, 8, 1\) \(one image: images\[None\]\)")]:
+                         (good[0], r"got shape \(8, 8, 1\) \(one image: images\[None\]\)"),
+                         (good[..., 0], r"got shape \(2, 8, 8\) \(single-channel images: images\[\.\.\., None\]\)"),
+                         (good[:0], r"got no images \(shape \(0, 8, 8, 1\)\)")]:
         with pytest.raises(ValueError, match=r"^predict takes uint8 images of shape \(N, 8, 8, 1\) .*" + said):
             evaluate.predict(config, variables, images)
+    # The Python loader checks the model the weights record before reading them, as init_from does.
+    with pytest.raises(ValueError, match=r"path='.*' holds a vit mu/4 model .*config.json.*model.variant='mu/2'"):
+        evaluate.load_variables(digits_file_config(digits_dir, {**RUN, "model.variant": "mu/2"}), run[0], 10)
 
 
 def test_the_classifier_is_the_familys_to_name(tmp_path):
