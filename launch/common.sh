@@ -22,13 +22,28 @@ common_arg() {
 
 # Sets CONFIG_FILE to the absolute path of --config's file and CONFIG_ARGS to what follows it (the
 # `:epochs=800` of `configs/vit_b.py:epochs=800`). A relative path is read from the current directory,
-# else from this checkout, so that the default configs work from any directory.
+# else from this checkout, so that the default configs work from any directory; a name without a
+# slash that is neither (vit_b, vit_b.py) is a packaged config, masksub_jax/configs/NAME.py, as the
+# trainer takes it (masksub_jax/cli.py resolve_config_arg).
 find_config() {
-  local file="${CONFIG%%:*}"
+  local file="${CONFIG%%:*}" packaged="${REPO}/masksub_jax/configs"
   CONFIG_ARGS="${CONFIG#"${file}"}"
   if [[ "${file}" != /* && ! -f "${file}" && -f "${REPO}/${file}" ]]; then file="${REPO}/${file}"; fi
-  [[ -f "${file}" ]] || die "--config: there is no file ${file} (a relative path is looked for in the current directory, then in ${REPO})"
+  if [[ ! -f "${file}" && "${file}" != */* && "${file}" != _* && -f "${packaged}/${file%.py}.py" ]]; then
+    file="${packaged}/${file%.py}.py"
+  fi
+  [[ -f "${file}" ]] || die "--config: there is no file ${file} (a relative path is looked for in the current directory, then in ${REPO}), nor a packaged config of that name: $(config_names "${packaged}")"
   CONFIG_FILE="$(cd "$(dirname "${file}")" && pwd)/$(basename "${file}")"
+}
+
+# The packaged configs' names (the files NAME.py of folder $1, but _*.py), separated by spaces.
+config_names() {
+  local path names=()
+  for path in "$1"/*.py; do
+    path="$(basename "${path}" .py)"
+    if [[ "${path}" != _* && -f "$1/${path}.py" ]]; then names+=("${path}"); fi
+  done
+  echo "${names[*]-}"
 }
 
 # $1 as an absolute path (from the current directory), unless it is absolute already or a URL (gs://).

