@@ -9,6 +9,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+from masksub_jax import cli
 from masksub_jax.data import generated, pipeline, prepare
 from tests.conftest import REPO, digits_file_config
 
@@ -68,8 +69,8 @@ def test_the_printed_training_command_reads_the_prepared_tree(tree, tmp_path):
     """The tree's eval split is "val", not the config's default: the command must say so."""
     said = prepare.prepare_folder(tree, "printed", str(tmp_path / "tfds"))
     command = shlex.split(said.splitlines()[-1])
-    assert command[:4] == ["python", "-m", "masksub_jax.main", "--config=configs/vit_b.py"]
-    assert os.path.exists(f"{REPO}/{command[3].partition('=')[2]}")
+    assert command[:4] == ["python", "-m", "masksub_jax.main", "--config=vit_b"]  # the packaged config: any cwd
+    assert os.path.isfile(cli.resolve_config_arg(command[3]).partition("=")[2])
     data = dict(arg[len("--config."):].split("=", 1) for arg in command if arg.startswith("--config.data."))
     assert data["data.eval_split"] == "val" and data["data.data_dir"] == str(tmp_path / "tfds")
     config = digits_file_config(data.pop("data.data_dir"), {
@@ -93,3 +94,29 @@ def test_a_rerun_that_fails_while_writing_leaves_the_old_set_and_no_staging_fold
     with pytest.raises(OSError, match="disk full"):
         prepare.prepare_folder(tree, "kept", data_dir, overwrite=True)
     assert _num_train_examples(data_dir, "kept") == TRAIN and os.listdir(data_dir) == ["kept"]
+
+
+def test_a_name_tfds_cannot_load_is_refused_before_any_work(tree, tmp_path):
+    rc, _, err = _prepare_command(f"--folder={tree}", "--name=My-Imgs", f"--data_dir={tmp_path}/tfds")
+    line = _error_line(err)
+    assert rc == 1 and line.startswith("error: --name=My-Imgs ") and "--name=my_imgs" in line, line
+    assert not os.path.exists(f"{tmp_path}/tfds")
+    for name in ("MyImgs", "1st", "_x", "imgs/cfg", "imgs:1.0.0", "ns:imgs", "my imgs", ""):  # TFDS reads another
+        with pytest.raises(cli.CommandError, match="lower snake_case"):
+            prepare.check_name(name)
+    for name in ("my_imgs", "a1", "imagenet_folder"):
+        prepare.check_name(name)
+
+
+def test_the_command_prints_its_own_lines_and_none_of_tfds(tree, tmp_path):
+    """No `Downloading and preparing`, no `downloaded and prepared to` a staging folder, no absl
+    warning, no progress bars: what TFDS's builder says while prepare writes the set."""
+    rc, out, err = _prepare_command(f"--folder={tree}", "--name=quiet", f"--data_dir={tmp_path}/tfds")
+    assert rc == 0, err
+    said = out + err
+    for noise in ("incomplete", "Downloading and preparing", "downloaded and prepared", "dataset_info.json",
+                  "\x1b[", "\r", "%|"):
+        assert noise not in said, said
+    assert [line.split(" ", 2)[:2] for line in said.splitlines()] == [
+        ["Decoding", "the"], ["Writing", "them"], ["Wrote", tree], ["Train", "on"], ["", ""]], said
+    assert said.splitlines()[-1].startswith("  python -m masksub_jax.main --config=vit_b ")

@@ -12,16 +12,21 @@ to it, in parallel, without a download. TFDS's converter imports Apache Beam, so
 An image-folder tree (`--folder=ROOT`, ROOT/<split>/<class>/*.JPEG, see data/folder_source.py):
 every split folder becomes a split of TFDS data set NAME, with the class map of the "train" split,
 the examples in the order the folder source lists them and the image files' bytes as they are (no
-re-encoding; TFDS's Image feature stores any format that TensorFlow decodes). Every image is first
-decoded as the trainer decodes it, in parallel: one that does not decode stops it, naming it
-(--on_corrupt_image=fail), or is left out and counted (skip; the indices after it then differ from
-the folder source's). TFDS's own builder (`store_as_tfds_dataset`) writes it and shows its progress,
-into a staging folder in DIR that replaces NAME/VERSION only once complete (--overwrite; without
-it an existing NAME/VERSION is an error). It prints the training command, data flags included.
+re-encoding; TFDS's Image feature stores any format that TensorFlow decodes). NAME must be a name
+that TFDS loads (lower snake_case, e.g. imagenet_folder); another is refused before any work. Every
+image is first decoded as the trainer decodes it, in parallel: one that does not decode stops it,
+naming it (--on_corrupt_image=fail), or is left out and counted (skip; the indices after it then
+differ from the folder source's). TFDS's own builder (`store_as_tfds_dataset`) writes it, its
+messages, warnings and progress bars kept off the console, into a staging folder in DIR that
+replaces NAME/VERSION only once complete (--overwrite; without it an existing NAME/VERSION is an
+error). It prints the training command, data flags included.
 """
 from masksub_jax import cli  # noqa: I001  (first: it quiets TensorFlow's C++ logging before TF loads)
 
+import contextlib
+import io
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -61,6 +66,7 @@ def prepare_folder(folder: str, name: str, data_dir: str | None, on_corrupt_imag
                    overwrite: bool = False) -> str:
     """Writes the image-folder tree `folder` as TFDS data set `name` (array_record) in `data_dir`,
     its images checked first; returns what it did and the command that trains on it."""
+    check_name(name)
     root = folder.rstrip("/")
     data_dir = os.path.abspath(data_dir) if data_dir and "://" not in data_dir else data_dir
     target = version_dir(name, data_dir)
@@ -69,15 +75,34 @@ def prepare_folder(folder: str, name: str, data_dir: str | None, on_corrupt_imag
                                "old one is kept until the new one is complete), delete that folder, or pick another "
                                "--name.")
     listings = list_tree(root, on_corrupt_image)
+    print(f"Decoding the {sum(len(listing['files']) for listing in listings.values())} images of {root} ...",
+          flush=True)
     started = time.monotonic()
     left_out = sum(check_images(listing, on_corrupt_image) for listing in listings.values())
     checked = time.monotonic() - started
+    print(f"Writing them as TFDS data set {name} ...", flush=True)
     _write(root, name, data_dir, listings, replace=_exists(target))
     classes = next(iter(listings.values()))["classes"]
     counts = ", ".join(f"{split} {len(listing['files'])}" for split, listing in listings.items())
     skipped = f" {left_out} image(s) that do not decode were left out." if left_out else ""
     return (f"Wrote {root} as TFDS data set {name} ({len(classes)} classes; {counts} images; every image decoded in "
             f"{checked:.1f} s) in {target}.{skipped}\nTrain on it:\n  {train_command(name, data_dir, list(listings))}")
+
+
+def check_name(name: str) -> None:
+    """Refuses a data-set name that TFDS would not load back (`tfds.builder(name)`): by TFDS's own
+    parser, a plain name (no /config, :version or namespace) that it reads as itself, lower snake_case."""
+    from tensorflow_datasets.core import naming
+    try:
+        dataset, kwargs = naming.parse_builder_name_kwargs(name)
+        valid = not kwargs and dataset.namespace is None and dataset.name == name
+    except ValueError:
+        valid = False
+    if not valid:
+        suggestion = re.sub(r"[^0-9a-z]+", "_", naming.camelcase_to_snakecase(name).lower()).strip("_")
+        suggestion = suggestion if suggestion[:1].isalpha() else f"images_{suggestion}".rstrip("_")
+        raise cli.CommandError(f"--name={name} is not a data-set name that TFDS loads: use lower snake_case, a letter "
+                               f"then letters, digits and underscores, e.g. --name={suggestion}.")
 
 
 def version_dir(name: str, data_dir: str | None) -> str:
@@ -164,6 +189,24 @@ def _write(root: str, name: str, data_dir: str | None, listings: dict, *, replac
             shutil.rmtree(staging)
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Keeps what TFDS's builder says off the console: its `Downloading and preparing ...` and
+    `Dataset ... downloaded and prepared to STAGING` (printed to stdout), its absl warnings (`Variant
+    folder ... has no dataset_info.json`) and its tqdm progress bars (left disabled in this process).
+    Its errors still show."""
+    import tensorflow_datasets as tfds
+    from absl import logging
+    tfds.disable_progress_bar()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def _store(root: str, name: str, data_dir: str, listings: dict) -> None:
     """TFDS's own builder writes the listed images (their files' bytes) as NAME/VERSION in `data_dir`."""
     import tensorflow_datasets as tfds
@@ -175,10 +218,11 @@ def _store(root: str, name: str, data_dir: str, listings: dict) -> None:
     features = tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3)),  # the files' bytes as they are
         "label": tfds.features.ClassLabel(names=classes), "file_name": tfds.features.Text()})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=VERSION, features=features, data_dir=data_dir, file_format="array_record",
-        split_datasets={split: examples(listing) for split, listing in listings.items()}, disable_shuffling=True,
-        description=f"The image-folder tree {root} ({len(classes)} classes), by masksub_jax.data.prepare.")
+    with _quiet_tfds():
+        tfds.dataset_builders.store_as_tfds_dataset(
+            name=name, version=VERSION, features=features, data_dir=data_dir, file_format="array_record",
+            split_datasets={split: examples(listing) for split, listing in listings.items()}, disable_shuffling=True,
+            description=f"The image-folder tree {root} ({len(classes)} classes), by masksub_jax.data.prepare.")
 
 
 def train_command(name: str, data_dir: str | None, splits: list[str]) -> str:
@@ -191,7 +235,7 @@ def train_command(name: str, data_dir: str | None, splits: list[str]) -> str:
     data = {"source": "tfds", "name": name, "data_dir": data_dir,
             "train_split": train_split if train_split != default.train_split else None,
             "eval_split": eval_split if eval_split != default.eval_split else None}
-    return shlex.join(["python", "-m", "masksub_jax.main", "--config=configs/vit_b.py", f"--workdir=runs/{name}",
+    return shlex.join(["python", "-m", "masksub_jax.main", "--config=vit_b", f"--workdir=runs/{name}",
                        *(f"--config.data.{key}={value}" for key, value in data.items() if value is not None)])
 
 
