@@ -151,8 +151,9 @@ def resolve_config_arg(arg: str) -> str:
     if os.path.exists(path):
         return arg
     from masksub_jax import configs
-    if path in configs.names():
-        return f"--config={os.path.join(os.path.dirname(configs.__file__), path + '.py')}{colon}{config_arg}"
+    name = path.removeprefix("configs/").removesuffix(".py")  # configs/digits.py outside the checkout too
+    if name in configs.names():
+        return f"--config={os.path.join(os.path.dirname(configs.__file__), name + '.py')}{colon}{config_arg}"
     raise CommandError(f"no config file {path!r} (from {os.getcwd()}). Give a config file's path, or the name of "
                        f"a packaged config, e.g. --config=digits: {', '.join(configs.names())}.")
 

@@ -19,6 +19,9 @@ def test_a_packaged_config_by_name_from_any_directory(tmp_path):
     done = _main("--config=digits:oops", f"--workdir={tmp_path}/w", cwd=tmp_path)
     assert done.returncode == 1  # the argument reached digits.py, which takes none
     assert "Unknown config argument 'oops'" in done.stderr.splitlines()[-1]
+    for spelled in ("digits.py:oops", "configs/digits.py:oops"):  # as a checkout's commands spell it
+        done = _main(f"--config={spelled}", f"--workdir={tmp_path}/w", cwd=tmp_path)
+        assert "Unknown config argument 'oops'" in done.stderr.splitlines()[-1], spelled
     assert not (tmp_path / "w").exists()
 
 
@@ -38,4 +41,4 @@ def test_the_first_line_is_the_trainers_and_tensorflow_start_up_lines_stay_off_t
     assert done.returncode == 1
     assert done.stdout.splitlines()[0].startswith("JAX ")
     assert done.stderr.splitlines() == [done.stderr.strip()]  # one line: the error
-    assert done.stderr.startswith("error: 'no_such_set' is not a TFDS data set")
+    assert done.stderr.startswith(f"error: data.data_dir='{tmp_path}/tfds' does not exist; give the folder that holds")

@@ -79,7 +79,15 @@ def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
         pipeline.make(c)
 
 
-def test_unknown_tfds_name():
+def test_unknown_tfds_name(tmp_path):
     c = tiny_digits_config("/nonexistent", **{"data.source": "tfds", "data.name": "imagenet2013"})
+    with pytest.raises(pipeline.DataNotFoundError, match="data.data_dir='/nonexistent' does not exist; give"):
+        pipeline.make(c)
+    (tmp_path / "my_imgs").mkdir()
+    c.data.data_dir = str(tmp_path)
+    with pytest.raises(pipeline.DataNotFoundError, match=r"'imagenet2013' is neither in data.data_dir=.* \(it holds "
+                                                         r"\['my_imgs'\]\) nor in the TFDS catalogue"):
+        pipeline.make(c)
+    c.data.data_dir = None
     with pytest.raises(pipeline.DataNotFoundError, match="'imagenet2013' is not a TFDS data set"):
         pipeline.make(c)

@@ -56,8 +56,23 @@ def _builder(name: str, data_dir: str | None):
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise DataNotFoundError(f"{name!r} is not a TFDS data set ({e.__class__.__name__}); use a name from the "
-                                "TFDS catalogue, e.g. 'imagenet2012'.") from None
+        raise DataNotFoundError(_not_found(name, data_dir, e)) from None
+
+
+def _not_found(name: str, data_dir: str | None, error: Exception) -> str:
+    """Why `name` was not found: a data_dir that does not exist, or one without it (what it holds)."""
+    if not data_dir:
+        return (f"{name!r} is not a TFDS data set ({error.__class__.__name__}); use a name from the TFDS "
+                "catalogue, e.g. 'imagenet2012', or give data.data_dir, the folder that holds a prepared one.")
+    from etils import epath
+    folder = epath.Path(data_dir)
+    if not folder.exists():
+        return (f"data.data_dir={data_dir!r} does not exist; give the folder that holds the prepared data set "
+                f"{name!r} (the --data_dir given to `python -m masksub_jax.data.prepare` or `tfds build`).")
+    held = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    return (f"{name!r} is neither in data.data_dir={data_dir!r} (it holds {held or 'no data set'}) nor in the TFDS "
+            f"catalogue; fix data.name or data.data_dir, or prepare it there (`python -m masksub_jax.data.prepare "
+            f"--folder=ROOT --name={name} --data_dir={data_dir}` for an image folder).")
 
 
 def _split(builder, split: str, data_dir: str | None) -> indexed.Split:
