@@ -231,7 +231,7 @@ def train_command(family: str, model: dict, directory: str) -> str:
     if model.get("image_size"):
         wanted["data.image_size"] = model["image_size"]
     name, overrides = matching_config(family, wanted)
-    args = [f"--config={f'configs/{name}.py' if name else 'CONFIG'}", "--workdir=WORKDIR",
+    args = [f"--config={name or 'CONFIG'}", "--workdir=WORKDIR",
             f"--config.init_from={directory}"]
     args += [f"--config.{key}={value}" for key, value in overrides.items()]
     return "python -m masksub_jax.main " + " ".join(shlex.quote(a) for a in args)
@@ -308,12 +308,14 @@ def export_timm(source: str, target: str, family: str | None = None, *, ema: boo
             raise
         raise cli.CommandError(f"{source} records no model family (no config.json or {init_from.METADATA}) and is "
                                f"not a {family} model ({e}); pass --family, one of {models.FAMILIES}.") from None
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)  # as --to=inits/NAME makes inits/
     if target.endswith(".safetensors"):
         from safetensors.numpy import save_file
         # float32 as timm's weights are; ResNet's num_batches_tracked stays a 0-d integer, as timm's
         # buffer is (np.ascontiguousarray would make it 1-d)
         save_file({k: np.array(v, np.float32 if np.issubdtype(np.asarray(v).dtype, np.floating) else None,
                                order="C") for k, v in state_dict.items()}, target)
+        _readable_by_all(target)
     else:
         np.savez(target, **state_dict)
     found = family_module.detect(state_dict) if hasattr(family_module, "detect") else None
@@ -325,6 +327,14 @@ def export_timm(source: str, target: str, family: str | None = None, *, ema: boo
         timm_model = family_module.timm_model(state_dict, model["variant"], model["image_size"])
     return {"family": family, **model, "tensors": len(state_dict), "recorded_in": recorded_in,
             "timm_model": timm_model}
+
+
+def _readable_by_all(path: str) -> None:
+    """The mode any new file gets (0666 less the umask): safetensors writes through a private (0600)
+    temporary file, which others on a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def timm_loading_code(timm_model: tuple[str, dict], num_classes: int, path: str) -> str:

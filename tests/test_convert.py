@@ -4,6 +4,7 @@ one line. Fixtures are random weights in each family's timm layout (to_timm of o
 no forward pass."""
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_each_family_is_read_from_the_weights_and_goes_back_to_timm_unchanged(fa
     done = _convert(f"--from={tmp_path / 'download.safetensors'}", f"--to={tmp_path / 'init'}")  # no family, variant
     assert done.returncode == 0, done.stderr
     assert f"The weights are {said}." in done.stdout
-    assert "Train from it with:\n  python -m masksub_jax.main --config=configs/" in done.stdout
+    assert "Train from it with:\n  python -m masksub_jax.main --config=" in done.stdout
     assert f"--config.init_from={tmp_path / 'init'}" in done.stdout
     read = convert.read_variables(str(tmp_path / "init"))
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(read), jax.tree.leaves(variables)):
@@ -69,9 +70,12 @@ def test_each_family_is_read_from_the_weights_and_goes_back_to_timm_unchanged(fa
         "num_classes": model.num_classes}
     assert record["fingerprints"] == checkpoint.fingerprint_record(variables)
 
-    convert.main(["--to_timm", f"--from={tmp_path / 'init'}", f"--to={tmp_path / 'back.safetensors'}"])
+    convert.main(["--to_timm", f"--from={tmp_path / 'init'}", f"--to={tmp_path / 'new' / 'back.safetensors'}"])
     assert f"{said}, as {tmp_path / 'init' / init_from.METADATA} records" in capsys.readouterr().out
-    exported = load_file(str(tmp_path / "back.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)  # the file's folder is made, and others may read the file as any new file of theirs
+    assert os.stat(tmp_path / "new" / "back.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    exported = load_file(str(tmp_path / "new" / "back.safetensors"))
     assert exported.keys() == timm_weights.keys()
     # float32 as timm's own files; ResNet's num_batches_tracked stays an integer, as timm's buffer is
     assert {k: (str(v.dtype), v.shape) for k, v in exported.items() if v.dtype != np.float32} == {
@@ -104,7 +108,7 @@ def test_published_sizes_give_their_config_and_timm_model(family, model, size, c
     assert found["image_size"] == (None if family is resnet else size)
     assert [m.detect(state_dict) for m in (vit, swin, resnet) if m is not family] == [None, None]
     assert convert.train_command(family.__name__.split(".")[-1], found, "inits/x") == (
-        f"python -m masksub_jax.main --config=configs/{config}.py --workdir=WORKDIR --config.init_from=inits/x")
+        f"python -m masksub_jax.main --config={config} --workdir=WORKDIR --config.init_from=inits/x")
     assert family.timm_model(state_dict, found["variant"], found["image_size"]) == timm_call
 
 
