@@ -5,7 +5,7 @@ import pytest
 
 from masksub_jax import config as config_lib
 from masksub_jax import configs, train
-from masksub_jax.data import pipeline
+from masksub_jax.data import pipeline, types
 from tests.conftest import tiny_digits_config
 
 
@@ -75,11 +75,11 @@ def test_train_rejects_bad_config_before_touching_the_workdir(tmp_path):
 def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
     c = tiny_digits_config(str(tmp_path), **{"data.source": "tfds", "data.name": "imagenet2012",
                                              "data.image_size": 32, "data.mean": (0.5,) * 3, "data.std": (0.5,) * 3})
-    with pytest.raises(pipeline.DataNotFoundError, match="python -m masksub_jax.data.prepare --name=imagenet2012 "):
+    with pytest.raises(types.DataNotFoundError, match="python -m masksub_jax.data.prepare --name=imagenet2012 "):
         pipeline.make(c)
 
 
 def test_unknown_tfds_name():
     c = tiny_digits_config("/nonexistent", **{"data.source": "tfds", "data.name": "imagenet2013"})
-    with pytest.raises(pipeline.DataNotFoundError, match="'imagenet2013' is not a TFDS data set"):
+    with pytest.raises(types.DataNotFoundError, match="'imagenet2013' is not a TFDS data set"):
         pipeline.make(c)
