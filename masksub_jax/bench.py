@@ -48,8 +48,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from masksub_jax import config as config_lib  # noqa: E402
-from masksub_jax import masksub, models, pixel_augment  # noqa: E402
+from masksub_jax import masksub, models  # noqa: E402
 from masksub_jax import step as step_lib  # noqa: E402
+from masksub_jax.augment import spec  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
                                 lock_config=True)
@@ -131,8 +132,8 @@ class StepRunner:
         data_rng = np.random.default_rng(0)
         self.batch = {"image": jax.device_put(data_rng.integers(0, 256, shape, dtype=np.uint8)),
                       "label": jax.device_put(data_rng.integers(0, num_classes, shape[0]).astype(np.int32))}
-        if pixel_augment.on_device(c.data):  # what the host hands over then: crops on canvases, and their sizes
-            canvas = pixel_augment.canvas_size(c.data)
+        if spec.on_device(c.data):  # what the host hands over then: crops on canvases, and their sizes
+            canvas = spec.canvas_size(c.data)
             self.batch["image"] = jax.device_put(data_rng.integers(0, 256, (shape[0], canvas, canvas, 3), np.uint8))
             self.batch["crop_size"] = jax.device_put(
                 data_rng.integers(shape[1] // 2, canvas + 1, (shape[0], 2)).astype(np.int32))

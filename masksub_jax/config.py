@@ -44,12 +44,12 @@ def base() -> ml_collections.ConfigDict:
     c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop
     # source=tfds only. Train augmentation after random-resized-crop + flip: "3augment" (DeiT-III:
     # one of grayscale / solarize / blur, then colour jitter), a timm RandAugment spec such as
-    # "rand-m9-mstd0.5-inc1", or "crop_flip" (colour jitter only). See data/augment.py.
+    # "rand-m9-mstd0.5-inc1", or "crop_flip" (colour jitter only). See masksub_jax/augment/.
     c.data.augment = "3augment"
     c.data.color_jitter = 0.3  # brightness, contrast and saturation strength; 0 = none; unused with RandAugment
     # Where 3-Augment's and colour jitter's per-pixel ops run: "host" (tf.data, with the crop) or
     # "device" (batched in the train step; the host only decodes, crops, resizes and flips). Either
-    # draws from the seed and the step alone. pixel_augment.py.
+    # draws from the seed and the step alone. augment/device.py.
     c.data.augment_on = "host"
     c.data.random_erasing = 0.0  # probability per image (timm, pixel mode), applied on the device
     c.data.repeated_aug = 3  # source=tfds: copies of each image per epoch (DeiT's RASampler); 1 = off
@@ -334,9 +334,9 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,
              "use 'fail' or 'skip'")
     if c.data.augment not in AUGMENT_RECIPES:
-        from masksub_jax.data import randaugment  # imports TensorFlow
+        from masksub_jax.augment import spec
         try:
-            randaugment.parse(c.data.augment)
+            spec.parse(c.data.augment)
         except ValueError as e:
             raise ValueError(f"Config data.augment={c.data.augment!r} is invalid: use one of {AUGMENT_RECIPES} "
                              f"or a RandAugment spec. {e}") from None

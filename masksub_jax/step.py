@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from masksub_jax import erasing, losses, masksub, mixing, models, optim, pixel_augment
+from masksub_jax import losses, masksub, models, optim
+from masksub_jax.augment import device, erasing, mixing
 
 
 def make_model(config, num_classes: int):
@@ -69,7 +70,7 @@ def make_augment(config, num_classes: int):
     recipe's per-pixel ops (when they run on the device), random erasing and mixup, their targets,
     and the key its loss draws from."""
     normalise = normaliser(config)
-    pixel_ops = pixel_augment.make(config.data)
+    pixel_ops = device.make(config.data)
 
     def augment(batch, rng):
         rng_mix, rng_loss = jax.random.split(rng)

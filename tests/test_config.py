@@ -5,7 +5,7 @@ import pytest
 
 from masksub_jax import config as config_lib
 from masksub_jax import configs, train
-from masksub_jax.data import pipeline
+from masksub_jax.data import pipeline, types
 from tests.conftest import tiny_digits_config
 
 
@@ -75,19 +75,19 @@ def test_train_rejects_bad_config_before_touching_the_workdir(tmp_path):
 def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
     c = tiny_digits_config(str(tmp_path), **{"data.source": "tfds", "data.name": "imagenet2012",
                                              "data.image_size": 32, "data.mean": (0.5,) * 3, "data.std": (0.5,) * 3})
-    with pytest.raises(pipeline.DataNotFoundError, match="python -m masksub_jax.data.prepare --name=imagenet2012 "):
+    with pytest.raises(types.DataNotFoundError, match="python -m masksub_jax.data.prepare --name=imagenet2012 "):
         pipeline.make(c)
 
 
 def test_unknown_tfds_name(tmp_path):
     c = tiny_digits_config("/nonexistent", **{"data.source": "tfds", "data.name": "imagenet2013"})
-    with pytest.raises(pipeline.DataNotFoundError, match="data.data_dir='/nonexistent' does not exist; give"):
+    with pytest.raises(types.DataNotFoundError, match="data.data_dir='/nonexistent' does not exist; give"):
         pipeline.make(c)
     (tmp_path / "my_imgs").mkdir()
     c.data.data_dir = str(tmp_path)
-    with pytest.raises(pipeline.DataNotFoundError, match=r"'imagenet2013' is neither in data.data_dir=.* \(it holds "
-                                                         r"\['my_imgs'\]\) nor in the TFDS catalogue"):
+    with pytest.raises(types.DataNotFoundError, match=r"'imagenet2013' is neither in data.data_dir=.* \(it holds "
+                                                      r"\[.my_imgs.\]\) nor in the TFDS catalogue"):
         pipeline.make(c)
     c.data.data_dir = None
-    with pytest.raises(pipeline.DataNotFoundError, match="'imagenet2013' is not a TFDS data set"):
+    with pytest.raises(types.DataNotFoundError, match="'imagenet2013' is not a TFDS data set"):
         pipeline.make(c)

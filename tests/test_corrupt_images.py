@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from masksub_jax import train
-from masksub_jax.data import pipeline
+from masksub_jax.data import types
 from tests.conftest import tiny_digits_config
 
 NUM_EXAMPLES, CORRUPT_INDEX = 12, 5
@@ -71,7 +71,7 @@ def _config(data_dir, **overrides):
 
 
 def test_corrupt_image_fails_the_run_naming_its_index(jpeg_dir, tmp_path):
-    with pytest.raises(pipeline.CorruptImageError,
+    with pytest.raises(types.CorruptImageError,
                        match=rf"cannot be decoded\) in example\(s\) {_corrupt_index(jpeg_dir, 'train')} "
                              r"of split 'train'.*skip"):
         train.run(_config(jpeg_dir), str(tmp_path))

@@ -9,7 +9,7 @@ from flax import linen as nn
 from masksub_jax import checkpoint, convert, evaluate, sharding, train
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
-from masksub_jax.data import pipeline
+from masksub_jax.data import pipeline, types
 from tests.conftest import mock_imagenet, tiny_digits_config
 
 
@@ -73,7 +73,7 @@ def test_imagenet_v2_and_real_are_evaluated_beside_the_validation_split_with_the
 def test_a_missing_extra_eval_set_is_named_with_how_to_prepare_it_before_anything_compiles(tmp_path, capsys):
     config = tiny_digits_config(str(tmp_path / "digits"), **{"data.extra_evals": ("imagenet_v2:test",),
                                                              "data.data_dir": str(tmp_path / "tfds")})
-    with pytest.raises(pipeline.DataNotFoundError, match=r"'imagenet_v2/matched-frequency' is not prepared .*"
+    with pytest.raises(types.DataNotFoundError, match=r"'imagenet_v2/matched-frequency' is not prepared .*"
                                                          r"python -m masksub_jax.data.prepare --name=imagenet_v2"):
         train.run(config, str(tmp_path / "run"))
     assert "compiling" not in capsys.readouterr().out

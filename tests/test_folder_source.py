@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from masksub_jax import checkpoint, convert, train
-from masksub_jax.data import augment, folder_source, generated, pipeline, prepare, tfds_source
+from masksub_jax.data import crop, folder_source, generated, pipeline, prepare, tfds_source, types
 from tests.conftest import REPO, digits_file_config, digits_main_command, wait_for_step
 
 SMALL = dict(heights=(20, 40), widths=(24, 40), png_every=3)
@@ -90,7 +90,7 @@ JPEG = tf.io.encode_jpeg(np.zeros((8, 8, 3), np.uint8)).numpy()
 ])
 def test_a_bad_tree_gets_one_message_naming_the_problem(tmp_path, layout, split, message):
     root = _tree(tmp_path / "root", layout) if layout else str(tmp_path / "nowhere")
-    with pytest.raises((folder_source.FolderError, pipeline.DataNotFoundError), match=message):
+    with pytest.raises((folder_source.FolderError, types.DataNotFoundError), match=message):
         pipeline.make(_config(root, **{"data.train_split": split}))
 
 
@@ -123,7 +123,7 @@ def test_jpeg_and_png_eval_images_are_the_centre_crops_of_the_files(clean_tree):
     assert batch["mask"].sum() == 32 and any(f.endswith(".png") for f in listing["files"][:32])
     for i in (0, 2):  # a JPEG and a PNG
         with open(f"{clean_tree}/val/{listing['files'][i]}", "rb") as f:
-            want = augment.resize_and_centre_crop(f.read(), size=16, crop_ratio=1.0).numpy()
+            want = crop.resize_and_centre_crop(f.read(), size=16, crop_ratio=1.0).numpy()
         np.testing.assert_array_equal(batch["image"][i], want)
         assert batch["label"][i] == listing["labels"][i]
 
@@ -245,7 +245,7 @@ def test_webp_and_bmp_images_are_read_as_pil_reads_them_and_prepare_takes_them(t
     assert batch["mask"].sum() == 4 and list(batch["label"][:4]) == [0, 0, 1, 1]
     for i, name in enumerate(sorted(val)):  # the listing's order
         rgb = np.asarray(Image.open(io.BytesIO(val[name])).convert("RGB"))
-        want = augment.resize_and_centre_crop(tf.io.encode_png(rgb), size=d.image_size, crop_ratio=d.crop_ratio)
+        want = crop.resize_and_centre_crop(tf.io.encode_png(rgb), size=d.image_size, crop_ratio=d.crop_ratio)
         np.testing.assert_array_equal(batch["image"][i], want.numpy(), err_msg=name)
     assert "train 4, val 4 images" in prepare.prepare_folder(root, "webp_bmp", str(tmp_path / "tfds"))
 
@@ -261,7 +261,7 @@ def test_a_bmp_with_a_colour_palette_is_refused_naming_it_and_the_conversion(tmp
                                                         r".*/train/a/palette.bmp. .*colour palette.*PNG"):
         prepare.prepare_folder(root, "palette", str(tmp_path / "tfds"))
     source = pipeline.make(_config(root, batch_size=2))
-    with pytest.raises(pipeline.CorruptImageError, match=r"val/a/palette.bmp\. .*colour palette.*PNG"):
+    with pytest.raises(types.CorruptImageError, match=r"val/a/palette.bmp\. .*colour palette.*PNG"):
         next(source.eval_batches())
 
 

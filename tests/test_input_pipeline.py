@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from masksub_jax import config as config_lib
-from masksub_jax.data import augment, generated, indexed, pipeline, prepare, tfds_source
+from masksub_jax.data import crop, generated, indexed, pipeline, prepare, tfds_source, types
 from tests.conftest import mock_imagenet
 
 NUM_TRAIN, NUM_EVAL = 24, 10  # generated_jpegs/tiny
@@ -152,13 +152,13 @@ def test_a_small_eval_set_is_not_padded_out_to_a_large_eval_batch(jpeg_dir):
     digits_like = pipeline.ArraySource((images, np.zeros(300, np.int32)), (images, np.arange(300) % 10),
                                        num_classes=10, seed=0, batch_size=64, eval_batch_size=1024, batch_multiple=8)
     assert [len(b["label"]) for b in digits_like.eval_batches()] == [304]
-    assert pipeline.capped_eval_batch_size(256, 1000, 8) == 256  # a large eval set keeps the configured batch
+    assert types.capped_eval_batch_size(256, 1000, 8) == 256  # a large eval set keeps the configured batch
 
 
 def test_eval_preprocessing_is_the_centre_crop_of_the_resized_image(jpeg_dir):
     records = tfds.builder("generated_jpegs/tiny", data_dir=jpeg_dir).as_data_source(
         "validation", decoders={"image": tfds.decode.SkipDecoding()})
-    expected = augment.resize_and_centre_crop(records[0]["image"], size=16, crop_ratio=1.0)
+    expected = crop.resize_and_centre_crop(records[0]["image"], size=16, crop_ratio=1.0)
     np.testing.assert_array_equal(next(_source(jpeg_dir).eval_batches())["image"][0], expected)
 
 
@@ -177,14 +177,14 @@ def test_mocked_imagenet2012():
 
 
 def test_unprepared_and_tfrecord_data_sets_name_the_prepare_command(tmp_path, jpeg_dir):
-    with pytest.raises(pipeline.DataNotFoundError, match=r"not prepared .*python -m masksub_jax.data.prepare "
+    with pytest.raises(types.DataNotFoundError, match=r"not prepared .*python -m masksub_jax.data.prepare "
                                                          r"--name=generated_jpegs/tiny.*without the data, "
                                                          r"train on generated images: --config.data.source=synthetic"):
         _source(str(tmp_path / "empty"))
     generated.GeneratedJpegs(config="tiny", data_dir=str(tmp_path / "tfrecord")).download_and_prepare()
     with pytest.raises(tfds_source.DataFormatError, match=r"stored as tfrecord.*masksub_jax.data.prepare"):
         _source(str(tmp_path / "tfrecord"))
-    with pytest.raises(pipeline.DataNotFoundError, match=r"split 'nope'.*\['train', 'validation'\]"):
+    with pytest.raises(types.DataNotFoundError, match=r"split 'nope'.*\['train', 'validation'\]"):
         _source(jpeg_dir, **{"data.eval_split": "nope"})
 
 
@@ -222,7 +222,7 @@ def test_corrupt_examples_in_training_are_replaced_within_their_batch(jpeg_dir, 
         donors = [j for j in np.flatnonzero(~bad) if np.array_equal(clean[0]["image"][j], image)]
         assert donors and clean[0]["label"][donors[0]] == label
     np.testing.assert_array_equal(dirty[1]["image"], clean[1]["image"])
-    with pytest.raises(pipeline.CorruptImageError, match=rf"example\(s\) {broken} of split 'train'"):
+    with pytest.raises(types.CorruptImageError, match=rf"example\(s\) {broken} of split 'train'"):
         next(_source(jpeg_dir).train_batches())
 
 

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from masksub_jax import losses, mixing
+from masksub_jax import losses
+from masksub_jax.augment import mixing
 
 
 def test_bce_is_the_mean_over_batch_and_classes_with_binarised_main_targets():

@@ -12,9 +12,12 @@ import scipy.ndimage
 import tensorflow as tf
 from PIL import Image, ImageFilter
 
-from masksub_jax import pixel_augment, pixel_randaugment, sharding, train
+from masksub_jax import sharding, train
 from masksub_jax import step as step_lib
-from masksub_jax.data import augment, generated, pipeline, randaugment
+from masksub_jax.augment import device as device_ops
+from masksub_jax.augment import host as host_ops
+from masksub_jax.augment import spec as spec_lib
+from masksub_jax.data import generated, pipeline
 from tests.conftest import tiny_digits_config
 from tests.test_augment import PIL_OPS, _diff, assert_matches_pil_bilinear
 
@@ -34,7 +37,7 @@ def _assert_equal_pixels(device, host):
                                   "adjust_saturation"])
 @pytest.mark.smoke
 def test_each_device_op_equals_its_host_version(name):
-    device_op, host_op = getattr(pixel_augment, name), getattr(augment, name)
+    device_op, host_op = getattr(device_ops, name), getattr(host_ops, name)
     x = jnp.asarray(IMAGES, jnp.float32)
     if name == "gaussian_blur":
         sigmas = np.array([0.1, 0.7, 1.3, 2.0], np.float32)
@@ -56,8 +59,8 @@ def _keys(n, seed=0):
 def test_three_augment_picks_each_of_its_ops_for_a_third_of_the_examples():
     n = 600
     x = jnp.asarray(np.repeat(IMAGES[:1], n, 0), jnp.float32)
-    out = np.asarray(pixel_augment.three_augment(x, _keys(n), jitter=0.0))
-    gray, solar = np.asarray(pixel_augment.grayscale(x[:1]))[0], np.asarray(pixel_augment.solarize(x[:1]))[0]
+    out = np.asarray(device_ops.three_augment(x, _keys(n), jitter=0.0))
+    gray, solar = np.asarray(device_ops.grayscale(x[:1]))[0], np.asarray(device_ops.solarize(x[:1]))[0]
     is_gray, is_solar = (out == gray).all(axis=(1, 2, 3)), (out == solar).all(axis=(1, 2, 3))
     blurred = out[~is_gray & ~is_solar]
     for count in (is_gray.sum(), is_solar.sum(), len(blurred)):
@@ -71,7 +74,7 @@ def test_three_augment_picks_each_of_its_ops_for_a_third_of_the_examples():
 
 def test_jitter_factors_are_uniform_and_its_orders_are_the_six_permutations_alike():
     n = 6000
-    factors, order = map(np.asarray, pixel_augment.jitter_draws(_keys(n), 0.3))
+    factors, order = map(np.asarray, device_ops.jitter_draws(_keys(n), 0.3))
     assert factors.min() >= 0.7 and factors.max() <= 1.3
     for column in factors.T:  # uniform: mean 1, std 0.6 / sqrt(12), each fifth of the range a fifth
         assert abs(column.mean() - 1) < 0.01 and abs(column.std() - 0.6 / np.sqrt(12)) < 0.005
@@ -101,7 +104,7 @@ def test_an_example_is_augmented_by_its_index_alone_on_any_number_of_devices():
     other["image"][[0, 1, 2, 4, 5, 6, 7]] = 0  # every example but 3 changed
     changed, _, _ = augment_fn(other, jax.random.PRNGKey(4))
     np.testing.assert_array_equal(np.asarray(changed)[3], np.asarray(one)[3])
-    resized = pixel_augment.resize(jnp.asarray(batch["image"]), jnp.asarray(batch["crop_size"]), 32)
+    resized = device_ops.resize(jnp.asarray(batch["image"]), jnp.asarray(batch["crop_size"]), 32)
     host, _, _ = jax.jit(step_lib.make_augment(_device_config(**{"data.augment_on": "host"}), 10))(
         {**batch, "image": np.asarray(resized, np.uint8)}, jax.random.PRNGKey(4))
     assert one.shape == host.shape == (8, 32, 32, 3)
@@ -121,8 +124,8 @@ def test_the_device_resize_equals_the_hosts_on_crops_of_every_size():
     want = []
     for i, (h, w) in enumerate(sizes):
         canvas[i, :h, :w] = generated._colour_field(rng, (h, h + 1), (w, w + 1))
-        want.append(augment.to_uint8(augment.resize(tf.constant(canvas[i, :h, :w]), (32, 32))).numpy())
-    got = pixel_augment.resize(jnp.asarray(canvas), jnp.asarray(sizes), 32)
+        want.append(host_ops.to_uint8(host_ops.resize(tf.constant(canvas[i, :h, :w]), (32, 32))).numpy())
+    got = device_ops.resize(jnp.asarray(canvas), jnp.asarray(sizes), 32)
     _assert_equal_pixels(got, np.stack(want))
     np.testing.assert_array_equal(np.asarray(got)[2], canvas[2, :32, :32])  # 32 -> 32 leaves the pixels
 
@@ -137,7 +140,7 @@ def test_with_the_ops_on_the_device_the_host_stops_after_crop_and_flip_and_a_run
         batch, want = next(device), next(plain)["image"]
         assert batch["image"].shape == (8, 64, 64, 3) and batch["crop_size"].shape == (8, 2)
         assert (batch["crop_size"] <= 64).all() and (batch["crop_size"] > 0).all()
-        _assert_equal_pixels(pixel_augment.resize(jnp.asarray(batch["image"]), jnp.asarray(batch["crop_size"]), 32),
+        _assert_equal_pixels(device_ops.resize(jnp.asarray(batch["image"]), jnp.asarray(batch["crop_size"]), 32),
                              want)
     summary = train.run(_device_config(total_steps=3, checkpoint_every_steps=3, log_every_steps=1, **common,
                                        **{"data.image_size": 16}), str(tmp_path))
@@ -162,21 +165,21 @@ def test_an_input_bound_run_says_how_much_of_the_time_it_waited_for_input(digits
 # --------------------------------------------------------------------------------------------------
 # RandAugment.
 
-@pytest.mark.parametrize("name", sorted(randaugment.OP_TABLE))
+@pytest.mark.parametrize("name", sorted(host_ops.OP_TABLE))
 def test_each_device_randaugment_op_equals_its_host_version(name):
     for i, magnitude in enumerate((3.0, 9.0)):
         for sign in (1.0, -1.0):
-            want = randaugment.apply_op(name, tf.constant(IMAGES[i]), magnitude, sign).numpy()
-            got = jax.jit(functools.partial(pixel_randaugment.apply_op, name))(
+            want = host_ops.apply_op(name, tf.constant(IMAGES[i]), magnitude, sign).numpy()
+            got = jax.jit(functools.partial(device_ops.apply_op, name))(
                 jnp.asarray(IMAGES[i], jnp.float32), magnitude, sign)
             _assert_equal_pixels(got[None], want[None])
 
 
 def test_randaugment_draws_have_the_specs_distribution():
-    spec = randaugment.parse("rand-m9-mstd0.5-inc1")
+    spec = spec_lib.parse("rand-m9-mstd0.5-inc1")
     n = 4000
     choices, applied, magnitudes, signs = map(np.asarray, jax.vmap(
-        functools.partial(pixel_randaugment.draws, spec=spec))(_keys(n)))
+        functools.partial(device_ops.draws, spec=spec))(_keys(n)))
     assert choices.shape == (n, 2)
     _, counts = np.unique(choices, return_counts=True)
     assert len(counts) == 15 and np.allclose(counts / (2 * n), 1 / 15, atol=0.01)
@@ -185,14 +188,14 @@ def test_randaugment_draws_have_the_specs_distribution():
 
 
 def test_device_randaugment_applies_a_drawn_op_or_none_per_layer():
-    spec = randaugment.parse("rand-m9-n1-p0.5")
+    spec = spec_lib.parse("rand-m9-n1-p0.5")
     x = jnp.asarray(np.repeat(IMAGES[:1], 64, 0), jnp.float32)
     keys = _keys(64, seed=5)
-    out = np.asarray(jax.vmap(functools.partial(pixel_randaugment.rand_augment, spec=spec))(x, keys))
+    out = np.asarray(jax.vmap(functools.partial(device_ops.rand_augment, spec=spec))(x, keys))
     choices, applied, magnitudes, signs = map(np.asarray, jax.vmap(
-        functools.partial(pixel_randaugment.draws, spec=spec))(keys))
+        functools.partial(device_ops.draws, spec=spec))(keys))
     for i in range(64):
-        want = (pixel_randaugment.apply_op(spec.ops[choices[i, 0]], x[0], magnitudes[i, 0], signs[i, 0])
+        want = (device_ops.apply_op(spec.ops[choices[i, 0]], x[0], magnitudes[i, 0], signs[i, 0])
                 if applied[i, 0] else x[0])
         _assert_equal_pixels(out[i][None], np.asarray(want)[None])
 
@@ -207,32 +210,32 @@ def _photo_batch(photo):
 def test_device_resize_grayscale_blur_and_jitter_ops_match_pil_and_formulas(photo):
     x, one = _photo_batch(photo), lambda v: jnp.asarray([v], jnp.float32)  # noqa: E731
     canvas = jnp.zeros((1, 160, 160, 3), jnp.float32).at[:, :60, :80].set(x)
-    resized = pixel_augment.resize(canvas, jnp.asarray([[60, 80]]), 40)[0]  # to 40x40: both axes shrink
+    resized = device_ops.resize(canvas, jnp.asarray([[60, 80]]), 40)[0]  # to 40x40: both axes shrink
     assert _diff(resized, Image.fromarray(photo).resize((40, 40), Image.BICUBIC)).max() <= 1
-    assert _diff(pixel_augment.grayscale(x)[0, ..., 0], Image.fromarray(photo).convert("L")).max() <= 1
+    assert _diff(device_ops.grayscale(x)[0, ..., 0], Image.fromarray(photo).convert("L")).max() <= 1
     for sigma in (0.1, 1.3, 2.0):
         expected = scipy.ndimage.gaussian_filter(photo.astype(np.float64), (sigma, sigma, 0), mode="reflect",
                                                  truncate=6 / sigma)
-        assert _diff(pixel_augment.gaussian_blur(x, one(sigma))[0], np.round(expected)).max() <= 1
+        assert _diff(device_ops.gaussian_blur(x, one(sigma))[0], np.round(expected)).max() <= 1
     pil_blur = Image.fromarray(photo).filter(ImageFilter.GaussianBlur(1.3))
-    assert _diff(pixel_augment.gaussian_blur(x, one(1.3))[0], pil_blur).mean() < 0.5
+    assert _diff(device_ops.gaussian_blur(x, one(1.3))[0], pil_blur).mean() < 0.5
     f = photo.astype(np.float64)
-    gray = f @ np.array(augment.GRAY_WEIGHTS)
+    gray = f @ np.array(host_ops.GRAY_WEIGHTS)
     rounded = lambda v: np.clip(np.round(v), 0, 255)  # noqa: E731
-    assert _diff(pixel_augment.adjust_brightness(x, one(1.3))[0], rounded(1.3 * f)).max() <= 1
-    assert _diff(pixel_augment.adjust_contrast(x, one(0.7))[0], rounded(0.7 * f + 0.3 * gray.mean())).max() <= 1
-    assert _diff(pixel_augment.adjust_saturation(x, one(1.2))[0], rounded(1.2 * f - 0.2 * gray[..., None])).max() <= 1
+    assert _diff(device_ops.adjust_brightness(x, one(1.3))[0], rounded(1.3 * f)).max() <= 1
+    assert _diff(device_ops.adjust_contrast(x, one(0.7))[0], rounded(0.7 * f + 0.3 * gray.mean())).max() <= 1
+    assert _diff(device_ops.adjust_saturation(x, one(1.2))[0], rounded(1.2 * f - 0.2 * gray[..., None])).max() <= 1
 
 
 @pytest.mark.parametrize("name", sorted(PIL_OPS))
 def test_device_randaugment_op_matches_pil(name, photo):
     argument, pil_op = PIL_OPS[name]
-    got = pixel_randaugment.OP_TABLE[name][0](jnp.asarray(photo, jnp.float32), jnp.float32(argument))
+    got = device_ops.OP_TABLE[name][0](jnp.asarray(photo, jnp.float32), jnp.float32(argument))
     assert _diff(got, pil_op(Image.fromarray(photo))).max() <= 1
 
 
 @pytest.mark.parametrize("name,argument,matrix", [
     ("Rotate", 20.0, None), ("ShearX", 0.2, (1, 0.2, 0, 0, 1, 0)), ("ShearY", -0.2, (1, 0, 0, -0.2, 1, 0))])
 def test_device_randaugment_geometric_op_matches_pil_bilinear(name, argument, matrix, photo):
-    ours = pixel_randaugment.OP_TABLE[name][0](jnp.asarray(photo, jnp.float32), jnp.float32(argument))
+    ours = device_ops.OP_TABLE[name][0](jnp.asarray(photo, jnp.float32), jnp.float32(argument))
     assert_matches_pil_bilinear(ours, photo, argument, matrix)

@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from masksub_jax import workdir as workdir_lib
-from masksub_jax.data import augment, indexed
-from masksub_jax.data.pipeline import DataNotFoundError
+from masksub_jax.data import crop, indexed
+from masksub_jax.data.types import DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CONVERSION = ("a BMP with a colour palette or under 8 bits per pixel, or an animated WebP, decodes only once "
@@ -243,7 +243,7 @@ def undecodable(paths: list[str]) -> list[int]:
     files = tf.constant(paths)
 
     def decoded(i):
-        return i, tf.shape(augment.decode(read_image_file(files[i])))
+        return i, tf.shape(crop.decode(read_image_file(files[i])))
     ds = tf.data.Dataset.range(len(paths)).map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ok = np.zeros(len(paths), bool)
     for index, _ in ds.ignore_errors().batch(4096).as_numpy_iterator():

@@ -34,9 +34,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from masksub_jax import pixel_augment
-from masksub_jax.data import augment, randaugment
-from masksub_jax.data.pipeline import Batch, CorruptImageError, capped_eval_batch_size
+from masksub_jax.augment import host
+from masksub_jax.augment.spec import canvas_size, on_device
+from masksub_jax.data import crop
+from masksub_jax.data.types import Batch, CorruptImageError, capped_eval_batch_size
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX
 
@@ -73,10 +74,10 @@ def batch_layout(batch_size: int, repeats: int) -> np.ndarray:
 
 def train_features(data_config) -> dict[str, tf.TensorSpec]:
     """What the train transform gives per example: the image, and with the per-pixel ops on the
-    device the flipped crop on a canvas and its size (pixel_augment.py resizes it there)."""
+    device the flipped crop on a canvas and its size (augment/device.py resizes it there)."""
     d = data_config
-    if pixel_augment.on_device(d):
-        canvas = pixel_augment.canvas_size(d)
+    if on_device(d):
+        canvas = canvas_size(d)
         return {"image": tf.TensorSpec([canvas, canvas, 3], tf.uint8), "crop_size": tf.TensorSpec([2], tf.int32)}
     return {"image": tf.TensorSpec([d.image_size, d.image_size, 3], tf.uint8)}
 
@@ -85,33 +86,27 @@ def train_transform(data_config):
     """(image bytes, seed) -> `train_features`: the uint8 image of the recipe `data_config.augment`
     names, or with the per-pixel ops on the device only the flipped crop (on a canvas)."""
     d = data_config
-    spec = randaugment.parse(d.augment) if d.augment.startswith("rand") else None
+    recipe_ops = host.make(d)
     size = d.image_size
 
     def on_canvas(image, flip):
         """The crop flipped and padded to the canvas; a crop larger than the canvas is resized here
         (as on the host path), and then passes the device's resize unchanged."""
-        canvas = pixel_augment.canvas_size(d)
+        canvas = canvas_size(d)
         too_large = tf.reduce_max(tf.shape(image)[:2]) > canvas
-        image = tf.cond(too_large, lambda: augment.to_uint8(augment.resize(image, (size, size))), lambda: image)
-        image = augment.flip(image, flip)
+        image = tf.cond(too_large, lambda: host.to_uint8(host.resize(image, (size, size))), lambda: image)
+        image = crop.flip(image, flip)
         crop_size = tf.shape(image)[:2]
         image = tf.pad(image, [[0, canvas - crop_size[0]], [0, canvas - crop_size[1]], [0, 0]])
         return {"image": tf.ensure_shape(image, [canvas, canvas, 3]), "crop_size": crop_size}
 
     def transform(image_bytes, seed, *, is_jpeg: bool | None):
-        crop, flip, recipe = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-        image = augment.random_crop(image_bytes, crop, is_jpeg=is_jpeg)
-        if pixel_augment.on_device(d):
+        crop_seed, flip, recipe = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        image = crop.random_crop(image_bytes, crop_seed, is_jpeg=is_jpeg)
+        if on_device(d):
             return on_canvas(image, flip)
-        image = augment.flip(augment.to_uint8(augment.resize(image, (size, size))), flip)
-        if d.augment == "3augment":
-            image = augment.three_augment(image, recipe, jitter=d.color_jitter)
-        elif spec is not None:
-            image = randaugment.rand_augment(image, recipe, spec)
-        elif d.color_jitter > 0:
-            image = augment.color_jitter(image, recipe, d.color_jitter)
-        return {"image": image}
+        image = crop.flip(host.to_uint8(host.resize(image, (size, size))), flip)
+        return {"image": recipe_ops(image, recipe)}
     return transform
 
 
@@ -180,7 +175,7 @@ class IndexedSource:
 
         def transform(image_bytes, seed):
             del seed
-            return {"image": augment.resize_and_centre_crop(image_bytes, size=d.image_size, crop_ratio=d.crop_ratio)}
+            return {"image": crop.resize_and_centre_crop(image_bytes, size=d.image_size, crop_ratio=d.crop_ratio)}
         features = {"image": tf.TensorSpec(self.image_shape, tf.uint8)}
         for index, done in self._read_and_preprocess(requests, self.evaluation, transform, features, local):
             yield self._complete(index, done, local, self.evaluation, features, train=False)

@@ -6,11 +6,12 @@ Sources:
   synthetic: a deterministic learnable data set of any image size and class count, in memory, for
              smoke tests and benchmarks.
   tfds:      any TFDS image-classification data set by name, read by example index with tf.data
-             (`tfds_source.py`, `indexed.py`), with the DeiT-III recipes' augmentations (`augment.py`,
-             `randaugment.py`) and repeated augmentation.
+             (`tfds_source.py`, `indexed.py`), cropped (`crop.py`) and augmented by the recipe
+             (`masksub_jax/augment/`), with repeated augmentation.
   folder:    an image-folder tree (ROOT/<split>/<class>/*.JPEG; `folder_source.py`), read as a TFDS
              data set is.
-Extra evaluation sets (config.data.extra_evals): `make_extra_evals`.
+Extra evaluation sets (config.data.extra_evals): `make_extra_evals`. This module alone knows which
+sources exist; the batch type and the errors they share are `types.py`'s.
 
 Every source gives the batch of step k as a function of (seed, k): a resumed run sees exactly the
 batches an uninterrupted run sees. Eval batches are padded to full size with `mask` = 0 so every
@@ -24,16 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from masksub_jax.data import digits
-
-Batch = dict[str, np.ndarray]
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The data set is not prepared where the config says."""
-
-
-class CorruptImageError(ValueError):
-    """An image of the data set cannot be decoded (config.data.on_corrupt_image = "fail")."""
+from masksub_jax.data.types import Batch, capped_eval_batch_size
 
 
 class ArraySource:
@@ -84,12 +76,6 @@ def prefetch(items: Iterator, size: int) -> Iterator:
     while queue:
         queue.extend(itertools.islice(items, 1))
         yield queue.popleft()
-
-
-def capped_eval_batch_size(eval_batch_size: int, num_eval_examples: int, multiple: int) -> int:
-    """The eval batch, no larger than the eval set rounded up to `multiple` (the device count, which
-    must divide it): a small eval set is not padded out to a large batch."""
-    return min(eval_batch_size, max(1, math.ceil(num_eval_examples / multiple)) * multiple)
 
 
 def pad(batch: Batch, size: int) -> Batch:

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from masksub_jax.data import indexed
-from masksub_jax.data.pipeline import DataNotFoundError
+from masksub_jax.data.types import DataNotFoundError
 
 REAL_LABELS = "real_label"  # imagenet2012_real's set of right answers per image (Beyer et al. 2020)
 

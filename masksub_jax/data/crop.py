@@ -1,26 +1,23 @@
-"""Image preprocessing ops of the DeiT-III recipes, in TensorFlow for tf.data, with stateless seeds.
+"""The host's decoding and cropping, in TensorFlow for tf.data, with stateless seeds: what every
+train recipe does before its per-pixel ops (`masksub_jax/augment/`), and the eval transform.
 
-Each op takes and returns a uint8 HxWx3 image (the crop ops take the encoded bytes) and draws its
-randomness from a [2] int seed, so an example's augmentation is a function of its seed alone.
-Semantics follow torchvision / timm on PIL images (the official code); where they differ it says so.
+Each op takes the encoded bytes or a uint8 HxWx3 image and draws its randomness from a [2] int
+seed, so an example's crop is a function of its seed alone. Semantics follow torchvision on PIL
+images (the official code).
 
+  decode                any format TensorFlow reads, as RGB
   random_resized_crop   torchvision RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3), bicubic;
-                        JPEGs are decoded only inside the crop window
+                        JPEGs are decoded only inside the crop window (`random_crop`: not resized)
   resize_and_centre_crop  eval: shorter side to size / crop_ratio (timm's floor), centre crop
   flip                  horizontal, p = 0.5
-  three_augment         DeiT-III: one of grayscale / solarize / Gaussian blur, then colour jitter
-  color_jitter          torchvision ColorJitter(b, c, s) with its random order of the three
-Resizing is antialiased bicubic, as PIL's. Blends are computed in float and rounded once at the end
-of each op (PIL rounds after each blend too). RandAugment is in `randaugment.py`, random erasing
-on the device (`masksub_jax/erasing.py`).
+Resizing is antialiased bicubic, as PIL's (`augment.host.resize`).
 """
 import math
 
 import tensorflow as tf
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
-BLUR_SIGMA_RANGE = (0.1, 2.0)  # DeiT-III GaussianBlur radius
-BLUR_HALF_WIDTH = math.ceil(3 * BLUR_SIGMA_RANGE[1])
+from masksub_jax.augment.host import resize, to_uint8
+
 JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI marker, then a marker)
 
 
@@ -38,14 +35,6 @@ def decode(image_bytes):
     def any_format():
         return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     return tf.cond(tf.strings.substr(image_bytes, 8, 4) == b"WEBP", webp, any_format)
-
-
-def to_uint8(image):
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def resize(image, size):
-    return tf.image.resize(image, size, method="bicubic", antialias=True)
 
 
 def crop_window(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
@@ -119,75 +108,3 @@ def resize_and_centre_crop(image_bytes, *, size: int, crop_ratio: float):
 
 def flip(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed)
-
-
-def luma(image):
-    """Float HxWx1 luma of a uint8 or float RGB image."""
-    return tf.reduce_sum(tf.cast(image, tf.float32) * GRAY_WEIGHTS, axis=-1, keepdims=True)
-
-
-def grayscale(image):
-    """3 equal channels holding the luma (torchvision Grayscale(num_output_channels=3))."""
-    return to_uint8(tf.repeat(luma(image), 3, axis=-1))
-
-
-def solarize(image, threshold=128):
-    """Pixels at or above `threshold` (any number; 256 inverts none) are inverted (PIL ImageOps.solarize)."""
-    return tf.where(tf.cast(image, tf.float32) >= threshold, 255 - image, image)
-
-
-def gaussian_blur(image, sigma):
-    """Separable Gaussian of standard deviation `sigma` (PIL's GaussianBlur radius), edges repeated."""
-    x = tf.range(-BLUR_HALF_WIDTH, BLUR_HALF_WIDTH + 1, dtype=tf.float32)
-    kernel = tf.exp(-0.5 * tf.square(x / sigma))
-    kernel /= tf.reduce_sum(kernel)
-    k = BLUR_HALF_WIDTH
-    padded = tf.pad(tf.cast(image, tf.float32)[None], [[0, 0], [k, k], [k, k], [0, 0]], mode="SYMMETRIC")
-    channels = tf.shape(image)[-1]
-    vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
-    horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
-    out = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-    out = tf.nn.depthwise_conv2d(out, horizontal, [1, 1, 1, 1], "VALID")
-    return to_uint8(out[0])
-
-
-def blend(degenerate, image, factor):
-    """PIL ImageEnhance: degenerate + factor * (image - degenerate), as float."""
-    degenerate = tf.cast(degenerate, tf.float32)
-    return degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
-
-
-def adjust_brightness(image, factor):
-    return to_uint8(blend(tf.zeros_like(image, tf.float32), image, factor))
-
-
-def adjust_contrast(image, factor):
-    """Blend with the mean luma (torchvision adjust_contrast)."""
-    return to_uint8(blend(tf.fill(tf.shape(image), tf.reduce_mean(luma(image))), image, factor))
-
-
-def adjust_saturation(image, factor):
-    return to_uint8(blend(tf.repeat(luma(image), 3, axis=-1), image, factor))
-
-
-def color_jitter(image, seed, strength: float):
-    """torchvision ColorJitter(brightness=s, contrast=s, saturation=s, hue=0): each factor uniform
-    in [1 - s, 1 + s], the three applied in a random order."""
-    seeds = tf.random.experimental.stateless_split(seed, 4)
-    factors = tf.random.stateless_uniform([3], seeds[0], 1 - strength, 1 + strength)
-    order = tf.argsort(tf.random.stateless_uniform([3], seeds[1]))
-    ops = [adjust_brightness, adjust_contrast, adjust_saturation]
-    for i in range(3):
-        image = tf.switch_case(order[i], [lambda op=op, j=j: op(image, factors[j]) for j, op in enumerate(ops)])
-    return image
-
-
-def three_augment(image, seed, *, jitter: float):
-    """DeiT-III's 3-Augment after crop and flip: one of grayscale, solarize, Gaussian blur (sigma
-    uniform in 0.1-2.0), chosen uniformly; then colour jitter (0 = none)."""
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    choice = tf.random.stateless_uniform([], seeds[0], 0, 3, dtype=tf.int32)
-    sigma = tf.random.stateless_uniform([], seeds[1], *BLUR_SIGMA_RANGE)
-    image = tf.switch_case(choice, [lambda: grayscale(image), lambda: solarize(image),
-                                    lambda: gaussian_blur(image, sigma)])
-    return color_jitter(image, seeds[2], jitter) if jitter > 0 else image
