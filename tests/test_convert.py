@@ -224,3 +224,14 @@ def test_a_directory_without_metadata_still_exports_as_vit(tmp_path):
         np.testing.assert_array_equal(data["head.weight"], variables["params"]["head"]["kernel"].T)
     assert weights.flatten(convert.read_params(str(tmp_path / "old"))).keys() == weights.flatten(
         variables["params"]).keys()
+
+
+def test_weights_of_another_width_are_not_resampled_but_refused():
+    """pos_embed of a wider model has the same token count: resampling it "from (1, 16, 192) to
+    (1, 16, 192)" was said before the shapes were refused."""
+    said = []
+    loaded = {"pos_embed": np.zeros((1, 16, 192), np.float32)}
+    initial = {"pos_embed": np.zeros((1, 16, 32), np.float32)}
+    assert vit.fit(loaded, initial, said.append)["pos_embed"].shape == (1, 16, 192) and said == []
+    with pytest.raises(weights.ConversionError, match=r"pos_embed"):
+        convert.adapt_params(loaded, initial, family="vit", say=said.append)

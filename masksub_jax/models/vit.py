@@ -468,7 +468,8 @@ def fit(loaded: dict, initial: dict, say) -> dict:
     the global-pool fine-tune) dropped, and a fresh fc_norm, as MAE's fine-tuning does."""
     out = dict(loaded)
     pos = out.get("pos_embed")
-    if pos is not None and "pos_embed" in initial and pos.shape != initial["pos_embed"].shape:
+    if (pos is not None and "pos_embed" in initial and pos.shape != initial["pos_embed"].shape
+            and pos.shape[-1] == initial["pos_embed"].shape[-1]):  # another width: not a grid to resample
         out["pos_embed"] = resize_pos_embed(pos, int(round(np.sqrt(initial["pos_embed"].shape[1]))))
         say(f"init_from: resampled pos_embed from {pos.shape} to {out['pos_embed'].shape}.")
     gammas = [name for name in initial if name.endswith(("/gamma_1", "/gamma_2")) and name not in out]
