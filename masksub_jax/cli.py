@@ -173,5 +173,6 @@ def flag_error_message(error: Exception, argv) -> str:
     if isinstance(error, CommandError):
         return text
     if "Error whilst parsing config file" in text:  # ml_collections puts the config's traceback in it
-        return f"{text.strip().splitlines()[-1]} (from the config file)"
+        last = text.strip().splitlines()[-1].removeprefix("ValueError: ")  # the config's own message
+        return f"{last} (from the config file)"
     return f"{text} (see --helpfull)" if isinstance(error, flags.Error) else f"{type(error).__name__}: {text}"

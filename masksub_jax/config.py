@@ -237,9 +237,14 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(f"Unknown config argument {key!r} (in CONFIG_FILE:{arg}); "
+            raise ValueError(f"Unknown config argument {key!r} (in the config's argument {arg!r}); "
                              + (f"this config takes {sorted(defaults)}." if defaults else "this config takes none."))
-        out[key] = type(defaults[key])(value)
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"Config argument {key}={value} must be of type {kind.__name__}, as its default "
+                             f"{defaults[key]!r} is (in the config's argument {arg!r}).") from None
     return out
 
 

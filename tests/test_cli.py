@@ -19,6 +19,10 @@ def test_a_packaged_config_by_name_from_any_directory(tmp_path):
     done = _main("--config=digits:oops", f"--workdir={tmp_path}/w", cwd=tmp_path)
     assert done.returncode == 1  # the argument reached digits.py, which takes none
     assert "Unknown config argument 'oops'" in done.stderr.splitlines()[-1]
+    done = _main("--config=vit_b:epochs=abc", f"--workdir={tmp_path}/w", cwd=tmp_path)
+    assert done.stderr.splitlines()[-1] == (
+        "error: Config argument epochs=abc must be of type int, as its default 400 is (in the config's argument "
+        "'epochs=abc'). (from the config file)")
     for spelled in ("digits.py:oops", "configs/digits.py:oops"):  # as a checkout's commands spell it
         done = _main(f"--config={spelled}", f"--workdir={tmp_path}/w", cwd=tmp_path)
         assert "Unknown config argument 'oops'" in done.stderr.splitlines()[-1], spelled
