@@ -172,6 +172,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 pending = []
             if log_now:
                 scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                scalars["lr"] = float(window[-1]["lr"])  # this step's, not the window's mean (timm's too)
                 window = []
                 steps_per_s = progress.rate(step)
                 if steps_per_s:

@@ -34,6 +34,12 @@ def test_masksub_run_learns_and_writes_its_outputs(finished_run):
     # The sub loss is a cross-entropy against a teacher that sharpens as it learns: not monotone.
     assert all(np.isfinite(m["train/loss_sub"]) for m in logged)
     assert all(m["train/examples_per_s"] > 0 for m in logged)
+    # The lr shown is the logged step's (the schedule at its start), not the mean over the log window.
+    from masksub_jax import step
+    from masksub_jax.data import pipeline
+    _, schedule = step.make_optimizer(config, total_steps=60,
+                                      steps_per_epoch=pipeline.make(config).num_train_examples // config.batch_size)
+    assert [m["train/lr"] for m in logged] == pytest.approx([float(schedule(s - 1)) for s in (20, 40, 60)], rel=1e-6)
     assert summary["step"] == 60 and summary["eval_examples"] == 300
     assert summary["top1"] > 0.2  # 10 classes: chance is 0.1
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
