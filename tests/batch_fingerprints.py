@@ -5,7 +5,9 @@ ops when they run on the device, random erasing, mixup / cutmix and their target
 tools/make_batch_fingerprints.py writes them to tests/fixtures/batch_fingerprints.json and
 tests/test_batches_unchanged.py recomputes them: a change that moves or tidies the augmentation
 code must leave every batch bit for bit as it was. The digests hold for the library versions that
-`environment` names (TensorFlow's and XLA's kernels decide the last bit of a float)."""
+`environment` names (TensorFlow's and XLA's kernels decide the last bit of a float); elsewhere each
+field's shape and its sum and sum of squares (`statistics`) are compared within a tolerance that a
+last-bit difference stays inside and a changed op does not."""
 import hashlib
 import os
 import platform
@@ -76,19 +78,26 @@ def _digest(array) -> str:
     return hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
 
 
-def fingerprints(root: str) -> dict:
-    """{case: [per batch {field: digest}]}: the pipeline's fields (image, label, crop_size with the
-    ops on the device) and the train step's images and targets, for the first NUM_BATCHES steps."""
+def _statistics(array) -> dict:
+    array = np.asarray(array, np.float64)
+    return {"shape": list(array.shape), "sum": float(array.sum()), "sum_sq": float(np.square(array).sum())}
+
+
+def fingerprints(root: str) -> tuple[dict, dict]:
+    """({case: [per batch {field: digest}]}, the same with each field's `_statistics`): the
+    pipeline's fields (image, label, crop_size with the ops on the device) and the train step's
+    images and targets, for the first NUM_BATCHES steps."""
     data = write_data(root)
-    out = {}
+    digests, statistics = {}, {}
     for name, (source, augment_on, augment, overrides) in CASES.items():
         config = case_config(source, augment_on, augment, overrides, data)
         batches = pipeline.make(config).train_batches()
         augment_fn = jax.jit(step_lib.make_augment(config, 3))
-        out[name] = []
+        digests[name], statistics[name] = [], []
         for step in range(NUM_BATCHES):
             batch = next(batches)
             images, targets, _ = augment_fn(batch, jax.random.fold_in(jax.random.PRNGKey(config.seed), step))
-            out[name].append({**{k: _digest(v) for k, v in sorted(batch.items())},
-                              "step_images": _digest(images), "step_targets": _digest(targets)})
-    return out
+            fields = {**dict(sorted(batch.items())), "step_images": images, "step_targets": targets}
+            digests[name].append({k: _digest(v) for k, v in fields.items()})
+            statistics[name].append({k: _statistics(v) for k, v in fields.items()})
+    return digests, statistics

@@ -2,7 +2,6 @@
 weights (and for --to_timm from the workdir), what it prints to use the result, and its mistakes in
 one line. Fixtures are random weights in each family's timm layout (to_timm of our own); no download,
 no forward pass."""
-import importlib.util
 import json
 import os
 import re
@@ -20,9 +19,9 @@ from masksub_jax.models import resnet, swin, vit, weights
 from tests.conftest import REPO
 
 
-def _convert(*args) -> subprocess.CompletedProcess:
+def _convert(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "masksub_jax.convert", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
 
 
 def _random_variables(model, image_size: int, channels: int = 3) -> dict:
@@ -175,13 +174,6 @@ def _existing_target(tmp_path):
     return [f"--from={tmp_path / 'w.npz'}", f"--to={tmp_path / 'out'}"]
 
 
-def _pytorch_file(tmp_path):
-    if importlib.util.find_spec("torch") is not None:
-        pytest.skip("torch is installed here, and reads the .pth file")
-    (tmp_path / "w.pth").write_bytes(b"not read")
-    return [f"--from={tmp_path / 'w.pth'}", f"--to={tmp_path / 'out'}"]
-
-
 def _file(name):
     def arguments(tmp_path):
         (tmp_path / name).write_bytes(b"")
@@ -194,7 +186,6 @@ def _file(name):
      "error: No weight file at "),
     (_file("w.ckpt"), "error: Unknown weight format '.ckpt' of "),
     (_existing_target, "error: --to=.* exists; pick a new directory for the converted weights."),
-    (_pytorch_file, "error: .*w.pth is a PyTorch file and torch is not installed; install torch, or convert"),
     (lambda tmp_path: [*_file("w.npz")(tmp_path), "--family=tests.tiny_family"],
      r"error: Model family 'tests.tiny_family' has no timm mapping \(from_timm\)"),
     (_weights_of_no_family, r"error: The weights are of none of the families \('vit', 'swin', 'resnet'\): their keys "
@@ -203,13 +194,27 @@ def _file(name):
      "error: --variant do not go with --to_timm"),
     (lambda tmp_path: ["--to_timm", f"--from={tmp_path}", f"--to={tmp_path / 'x.pt'}"],
      "error: Write the timm weights as .safetensors or .npz, not "),
-], ids=["missing", "unknown_format", "target_exists", "pth_without_torch", "no_mapping", "no_family",
+], ids=["missing", "unknown_format", "target_exists", "no_mapping", "no_family",
         "to_timm_variant", "to_timm_format"])
 def test_mistakes_end_in_one_line(arguments, message, tmp_path):
     done = _convert(*arguments(tmp_path))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(message, lines[0]), done.stderr
+
+
+def test_a_pytorch_file_where_torch_is_not_installed_is_one_line(tmp_path):
+    """Whether or not this machine has torch: a torch.py earlier on the path fails to import, as a
+    missing torch does."""
+    (tmp_path / "no_torch").mkdir()
+    (tmp_path / "no_torch" / "torch.py").write_text("raise ImportError('No module named torch')\n")
+    (tmp_path / "w.pth").write_bytes(b"not read")
+    done = _convert(f"--from={tmp_path / 'w.pth'}", f"--to={tmp_path / 'out'}",
+                    env={**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(
+        "error: .*w.pth is a PyTorch file and torch is not installed; install torch, or convert", lines[0]), done.stderr
 
 
 def test_a_directory_without_metadata_still_exports_as_vit(tmp_path):

@@ -22,9 +22,10 @@ OUT = os.path.join(REPO, "tests", "fixtures", "batch_fingerprints.json")
 
 def main():
     with tempfile.TemporaryDirectory() as root:
-        digests = batch_fingerprints.fingerprints(root)
+        digests, statistics = batch_fingerprints.fingerprints(root)
     with open(OUT, "w") as f:
-        json.dump({"environment": batch_fingerprints.environment(), "batches": digests}, f, indent=1, sort_keys=True)
+        json.dump({"environment": batch_fingerprints.environment(), "batches": digests, "statistics": statistics},
+                  f, indent=1, sort_keys=True)
         f.write("\n")
     print(f"wrote {OUT}: {len(digests)} cases")
 
