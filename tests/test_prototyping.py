@@ -28,6 +28,12 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code_cells)  # stripped in git
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # the kernel prepares digits there
+    # After the notebook, a cell of the test's: which curves the loss figure's panels hold.
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        'import json\n'
+        'print("PANELS", json.dumps({"drawn": [[list(map(float, line.get_ydata())) for line in axis.get_lines()] '
+        'for axis in (main, sub)], "logged": [[h[k] for h in logged] for k in ("train/loss_main", "train/loss_sub")], '
+        '"same_axis": main is sub}))'))
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(out.get("text", "") for cell in code_cells for out in cell.outputs)
@@ -35,6 +41,9 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert final, text[-3000:]
     top1, evaluated, round_trip = map(float, final.groups())
     assert top1 > 0.8 and evaluated == top1 and round_trip == top1
+    # The sub-branch's loss (against the main branch's predictions) in a panel of its own.
+    panels = json.loads(re.search(r"PANELS (.*)", notebook.cells[-1].outputs[0]["text"]).group(1))
+    assert not panels["same_axis"] and panels["drawn"] == [[curve] for curve in panels["logged"]]
     figures = [out for cell in code_cells for out in cell.outputs if "image/png" in out.get("data", {})]
     assert len(figures) == 2  # the curves and the two branches' inputs
     assert (tmp_path / "runs" / "quickstart" / "summary.json").exists()
