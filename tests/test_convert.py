@@ -181,40 +181,38 @@ def _file(name):
     return arguments
 
 
+def _pytorch_file(tmp_path):
+    (tmp_path / "no_torch").mkdir()  # on the command's path: a torch that fails to import, as a missing one
+    (tmp_path / "no_torch" / "torch.py").write_text("raise ImportError('No module named torch')\n")
+    (tmp_path / "w.pth").write_bytes(b"not read")
+    return [f"--from={tmp_path / 'w.pth'}", f"--to={tmp_path / 'out'}"]
+
+
+def _swin_without_tables(tmp_path):
+    np.savez(tmp_path / "w.npz", **{"patch_embed.proj.weight": np.zeros((32, 3, 4, 4), np.float32)})
+    return [f"--from={tmp_path / 'w.npz'}", f"--to={tmp_path / 'out'}", "--family=swin", "--variant=T/4"]
+
+
 @pytest.mark.parametrize("arguments, message", [
     (lambda tmp_path: [f"--from={tmp_path / 'nowhere.safetensors'}", f"--to={tmp_path / 'out'}"],
      "error: No weight file at "),
     (_file("w.ckpt"), "error: Unknown weight format '.ckpt' of "),
     (_existing_target, "error: --to=.* exists; pick a new directory for the converted weights."),
-    (lambda tmp_path: [*_file("w.npz")(tmp_path), "--family=tests.tiny_family"],
-     r"error: Model family 'tests.tiny_family' has no timm mapping \(from_timm\)"),
+    (_pytorch_file, "error: .*w.pth is a PyTorch file and torch is not installed; install torch, or convert"),
+    (_swin_without_tables, r"error: The checkpoint does not fit Swin-T/4: missing keys \['layers.0.blocks.0"),
     (_weights_of_no_family, r"error: The weights are of none of the families \('vit', 'swin', 'resnet'\): their keys "
                             r"are \['encoder.layer.0.attention.weight', 'pooler.dense.bias'\]. For a family of your"),
     (lambda tmp_path: ["--to_timm", f"--from={tmp_path}", f"--to={tmp_path / 'x.safetensors'}", "--variant=B/16"],
      "error: --variant do not go with --to_timm"),
     (lambda tmp_path: ["--to_timm", f"--from={tmp_path}", f"--to={tmp_path / 'x.pt'}"],
      "error: Write the timm weights as .safetensors or .npz, not "),
-], ids=["missing", "unknown_format", "target_exists", "no_mapping", "no_family",
+], ids=["missing", "unknown_format", "target_exists", "pth_without_torch", "swin_without_tables", "no_family",
         "to_timm_variant", "to_timm_format"])
 def test_mistakes_end_in_one_line(arguments, message, tmp_path):
-    done = _convert(*arguments(tmp_path))
+    done = _convert(*arguments(tmp_path), env={**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")})
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(message, lines[0]), done.stderr
-
-
-def test_a_pytorch_file_where_torch_is_not_installed_is_one_line(tmp_path):
-    """Whether or not this machine has torch: a torch.py earlier on the path fails to import, as a
-    missing torch does."""
-    (tmp_path / "no_torch").mkdir()
-    (tmp_path / "no_torch" / "torch.py").write_text("raise ImportError('No module named torch')\n")
-    (tmp_path / "w.pth").write_bytes(b"not read")
-    done = _convert(f"--from={tmp_path / 'w.pth'}", f"--to={tmp_path / 'out'}",
-                    env={**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")})
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.match(
-        "error: .*w.pth is a PyTorch file and torch is not installed; install torch, or convert", lines[0]), done.stderr
 
 
 def test_a_directory_without_metadata_still_exports_as_vit(tmp_path):

@@ -343,6 +343,8 @@ def _shape_variant(sd: dict) -> tuple[str | None, str, int | None]:
     timm's swin_*_window7_224). The relative position tables give each stage's window (or its grid,
     where that is smaller) and heads; the original layout has the same tables as timm's."""
     tables = {(int(m[1]), int(m[2])): sd[k].shape for k in sd if (m := _TABLE.match(k))}
+    if not tables or "patch_embed.proj.weight" not in sd:
+        return None, "no relative position tables or patch_embed.proj.weight", None
     stages = 1 + max(i for i, _ in tables)
     if any((stage, 0) not in tables for stage in range(stages)):
         return None, f"relative position tables of blocks {sorted(tables)}", None
