@@ -308,7 +308,7 @@ def _warn(line: str) -> None:
 
 
 def load_variables(workdir: str, step: int | None = None, *, ema: bool = False, fall_back: bool = True,
-                   say=_warn) -> dict:
+                   say=None) -> dict:
     """The model's variables (params, and the collections such as ResNet's batch_stats) of the
     newest (or the given) checkpoint in `workdir`, as NumPy arrays; with `ema`, their moving average
     (a run with config.ema.decay > 0).
@@ -322,6 +322,7 @@ def load_variables(workdir: str, step: int | None = None, *, ema: bool = False, 
     For evaluation, conversion, notebooks and comparisons; needs neither the config nor a device
     layout.
     """
+    say = say or _warn
     mngr = manager(workdir, read_only=True)
     steps = sorted(mngr.all_steps())
     if not steps:
@@ -401,7 +402,7 @@ def _damage_message(workdir: str, damaged: list[tuple[int, str]], steps: list[in
             f"unchecked). {fix}")
 
 
-def load_params(workdir: str, step: int | None = None, *, say=_warn) -> dict:
+def load_params(workdir: str, step: int | None = None, *, say=None) -> dict:
     """The parameter pytree of the newest (or the given) checkpoint in `workdir` (see load_variables)."""
     return load_variables(workdir, step, say=say)["params"]
 

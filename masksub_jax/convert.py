@@ -58,11 +58,11 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 
 
 def save_variables(variables: dict, directory: str, *, family: str | None = None, variant: str | None = None,
-                   image_size: int | None = None) -> None:
+                   image_size: int | None = None) -> dict:
     """Writes a model's variables ({"params": ..., and e.g. "batch_stats": ...}) as the Orbax
     checkpoint that `config.init_from` reads, and beside it masksub_weights.json (init_from.METADATA):
     what model they are (for init_from's check and --to_timm) and each array's fingerprint (checked
-    when they are read)."""
+    when they are read). Returns that record."""
     import json
 
     import orbax.checkpoint as ocp
@@ -75,6 +75,7 @@ def save_variables(variables: dict, directory: str, *, family: str | None = None
               "num_classes": 0 if head is None else int(np.shape(head)[-1]),
               "fingerprints": checkpoint.fingerprint_record(variables)}
     workdir_lib.write_text(workdir_lib.path(directory) / init_from.METADATA, json.dumps(record, indent=1))
+    return record
 
 
 def save_params(params, directory: str, **model) -> None:
@@ -112,7 +113,7 @@ def read_variables(path: str, *, ema: bool = False, fall_back: bool = True, say=
     from masksub_jax import checkpoint
     from masksub_jax import workdir as workdir_lib
     if (workdir_lib.path(path) / "checkpoints").exists():
-        return checkpoint.load_variables(path, ema=ema, fall_back=fall_back, **({"say": say} if say else {}))
+        return checkpoint.load_variables(path, ema=ema, fall_back=fall_back, say=say)
     if ema:
         raise FileNotFoundError(f"--ema reads a training workdir's moving average; {path!r} is not a workdir.")
     metadata = init_from.read_metadata(path)
@@ -254,9 +255,9 @@ def import_timm(source: str, target: str, *, family: str | None = None, variant:
         state_dict, variant=variant, image_size=image_size, num_classes=num_classes))
     model = {"family": family, "variant": (found or {}).get("variant", variant),
              "image_size": image_size or (found or {}).get("image_size"), "config": (found or {}).get("config", {})}
-    save_variables(variables, target, family=family, variant=model["variant"], image_size=model["image_size"])
-    head = variables["params"].get(_classifier(family), {}).get("kernel")
-    return {**model, "num_classes": 0 if head is None else head.shape[-1],
+    written = save_variables(variables, target, family=family, variant=model["variant"],
+                             image_size=model["image_size"])
+    return {**model, "num_classes": written["num_classes"],
             "parameters": sum(v.size for v in flatten(variables["params"]).values())}
 
 
@@ -273,20 +274,6 @@ def _classes(num_classes: int) -> str:
     return f"a head of {num_classes} classes" if num_classes else "no head"
 
 
-def recorded_model(source: str) -> tuple[dict, str] | tuple[None, None]:
-    """The family, variant and image size that a training workdir's config.json, or a converted
-    directory's init_from.METADATA, records; and the file. (None, None) for neither."""
-    from masksub_jax import workdir as workdir_lib
-    record = workdir_lib.started_config(source)
-    if record is not None:
-        return ({"family": record.get("model.family"), "variant": record.get("model.variant"),
-                 "image_size": record.get("data.image_size")}, str(workdir_lib.path(source) / "config.json"))
-    metadata = init_from.read_metadata(source)
-    if metadata is not None and metadata.get("family"):
-        return metadata, str(workdir_lib.path(source) / init_from.METADATA)
-    return None, None
-
-
 def export_timm(source: str, target: str, family: str | None = None, *, ema: bool = False) -> dict:
     """Our weights (a training workdir, with `ema` its moving average, or a converted directory) as a
     timm state dict file (.safetensors or .npz). The family, variant and image size are the ones
@@ -295,7 +282,9 @@ def export_timm(source: str, target: str, family: str | None = None, *, ema: boo
     with timm_model (name, keyword arguments) the `timm.create_model` call that loads the file."""
     if not target.endswith((".safetensors", ".npz")):
         raise cli.CommandError(f"Write the timm weights as .safetensors or .npz, not {target!r}.")
-    recorded, recorded_in = recorded_model(source)
+    recorded, recorded_in = init_from.recorded_model(source)
+    if recorded is not None and recorded["family"] is None:  # weights saved without their model
+        recorded, recorded_in = None, None
     if family and recorded and recorded["family"] != family:
         raise cli.CommandError(f"--family={family}, but {recorded_in} says model.family={recorded['family']!r}; "
                                "leave out --family to use the recorded one.")

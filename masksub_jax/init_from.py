@@ -43,20 +43,31 @@ def check(config, path: str | None = None, *, flag: str = "config.init_from") ->
             f"{key} is a weight file; convert it first: `python -m masksub_jax.convert "
             f"--family={config.model.family} --variant={config.model.variant} --from={path} --to=inits/{name}`, "
             f"then pass --{flag}=inits/{name}.")
-    if (where / "checkpoints").is_dir():
-        if not any(p.name.isdigit() for p in (where / "checkpoints").iterdir()):
-            raise ValueError(f"{key} is a training workdir without a checkpoint; train it first, or name "
-                                   "another.")
-        record = workdir_lib.started_config(path) or {}
-        _check_same_model(config, key, record.get("model.family"), record.get("model.variant"),
-                          where / "config.json")
-        return
-    metadata = read_metadata(path)
-    if metadata is not None:
-        _check_same_model(config, key, metadata.get("family"), metadata.get("variant"), where / METADATA)
-    elif not (where / "_METADATA").exists():
+    is_workdir = (where / "checkpoints").is_dir()
+    if is_workdir and not any(p.name.isdigit() for p in (where / "checkpoints").iterdir()):
+        raise ValueError(f"{key} is a training workdir without a checkpoint; train it first, or name another.")
+    recorded, source = recorded_model(path)
+    if recorded is not None:
+        _check_same_model(config, key, recorded["family"], recorded["variant"], source)
+    elif not is_workdir and not (where / "_METADATA").exists():
         raise ValueError(f"{key} is neither a training workdir nor converted weights (it has no checkpoints/, "
                                f"{METADATA} or Orbax _METADATA). {TAKES}.")
+
+
+def recorded_model(path: str) -> tuple[dict, str] | tuple[None, None]:
+    """({"family", "variant", "image_size"} as a training workdir's config.json or a converted
+    directory's METADATA records them (None: not recorded), that file), or (None, None) for neither."""
+    where = workdir_lib.path(path)
+    if (where / "checkpoints").is_dir():
+        record = workdir_lib.started_config(path)
+        if record is None:
+            return None, None
+        return ({"family": record.get("model.family"), "variant": record.get("model.variant"),
+                 "image_size": record.get("data.image_size")}, str(where / "config.json"))
+    metadata = read_metadata(path)
+    if metadata is None:
+        return None, None
+    return {k: metadata.get(k) for k in ("family", "variant", "image_size")}, str(where / METADATA)
 
 
 def _check_same_model(config, key: str, family: str | None, variant: str | None, source) -> None:

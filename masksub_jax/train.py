@@ -171,7 +171,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 window += _fetch_and_check(pending, config.on_nonfinite, checkpoints, say)
                 pending = []
             if log_now:
-                scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "lr"}
                 scalars["lr"] = float(window[-1]["lr"])  # this step's, not the window's mean (timm's too)
                 window = []
                 steps_per_s = progress.rate(step)

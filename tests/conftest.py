@@ -109,6 +109,13 @@ def flip_one_bit(step_dir: str) -> None:
 def flip_one_bit_in_an_array(step_dir: str) -> None:
     """Rewrites a checkpoint's arrays with one bit of the largest array flipped, keeping the step's
     metadata (and so the checksums written with it): damage that only the checksums can see, always."""
+    damage_an_array(step_dir, "flip")
+
+
+def damage_an_array(step_dir: str, how: str, collection: str = "") -> None:
+    """Rewrites a checkpoint with its largest array (under the top-level `collection`, e.g. "ema",
+    if given) changed: "flip" one bit or "nan" everywhere, keeping the step's metadata and the
+    checksums written with it."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
@@ -116,12 +123,18 @@ def flip_one_bit_in_an_array(step_dir: str) -> None:
     checkpointer = ocp.StandardCheckpointer()
     shapes = checkpointer.metadata(item).item_metadata.tree
     state = checkpointer.restore(item, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), shapes))
-    leaves, treedef = jax.tree.flatten(state)
-    largest = max(range(len(leaves)), key=lambda i: leaves[i].size)
-    x = leaves[largest]
-    bits = x.reshape(-1).view(f"uint{x.dtype.itemsize * 8}").copy()
-    bits[bits.size // 2] ^= 0x10
-    leaves[largest] = bits.view(x.dtype).reshape(x.shape)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = [x for _, x in with_paths]
+    largest = max((i for i, (path, _) in enumerate(with_paths)
+                   if jax.tree_util.keystr(path).startswith(f"['{collection}']" if collection else "")),
+                  key=lambda i: leaves[i].size)
+    x = np.array(leaves[largest])
+    if how == "flip":
+        bits = x.reshape(-1).view(f"uint{x.dtype.itemsize * 8}")
+        bits[bits.size // 2] ^= 0x10
+    else:
+        x[...] = np.nan
+    leaves[largest] = x
     rewritten = step_dir + ".rewritten"
     checkpointer.save(rewritten, jax.tree.unflatten(treedef, leaves))
     checkpointer.wait_until_finished()

@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import REPO
 
 
-def _dry_run(script, *args):
-    done = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args, "--dry-run"], cwd=REPO,
+def _dry_run(script, *args, cwd=REPO):
+    done = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args, "--dry-run"], cwd=cwd,
                           capture_output=True, text=True, check=False)
     return done.returncode, done.stdout, done.stderr
 
@@ -126,13 +126,12 @@ def test_bad_arguments_are_named(script, args, message):
 ])
 def test_a_packaged_config_name_is_its_file_in_the_checkout(script, args, config):
     """As the trainer takes it (`--config=digits`, cli.resolve_config_arg), from any directory."""
-    done = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args, "--dry-run"], cwd="/",
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    words = _words(next(line for line in done.stdout.splitlines() if "masksub_jax.main" in line).removeprefix("+ "))
+    rc, out, err = _dry_run(script, *args, cwd="/")
+    assert rc == 0, err
+    words = _words(next(line for line in out.splitlines() if "masksub_jax.main" in line).removeprefix("+ "))
     if words[-1].startswith("--command="):  # tpu_vm.sh: what ssh hands the worker's shell
         words = _words(words[-1].removeprefix("--command="))
-    assert f"--config={config}" in words, done.stdout
+    assert f"--config={config}" in words, out
 
 
 def test_an_unknown_config_name_lists_the_packaged_ones():

@@ -1,12 +1,12 @@
-"""The notebook side: the public API after `import masksub_jax`, the quickstart notebook top to bottom,
-the evaluation command, and the seeds study command."""
+"""The notebook side: the public API after `import masksub_jax`, the quickstart notebook top to bottom
+and the seeds study command (the evaluation command: tests/test_readers.py)."""
 import json
 import os
 import re
 import subprocess
 import sys
 
-from tests.conftest import REPO, digits_main_command
+from tests.conftest import REPO
 
 TINY = {"total_steps": 6, "log_every_steps": 2, "eval_every_steps": 3, "checkpoint_every_steps": 6}
 
@@ -49,21 +49,6 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "quickstart" / "summary.json").exists()
     # Everything it writes is under runs/ (git-ignored in a checkout); tfds/ is this test's data dir.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tfds"]
-
-
-def test_evaluate_command_on_a_workdir_prints_the_runs_top1(tmp_path, digits_dir):
-    workdir = str(tmp_path / "w")
-    trained = subprocess.run(digits_main_command(workdir, digits_dir, TINY), cwd=REPO, capture_output=True,
-                             text=True, check=False)
-    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
-    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
-    command = digits_main_command(workdir, digits_dir, TINY)
-    command[2] = "masksub_jax.evaluate"
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} on 300 eval examples" in done.stdout
-    nothing = subprocess.run(command[:4], cwd=REPO, capture_output=True, text=True, check=False)
-    assert nothing.returncode != 0 and "give one of --workdir" in nothing.stdout + nothing.stderr
 
 
 def test_study_trains_every_mode_and_seed_and_writes_the_table_and_the_plot(tmp_path, digits_dir):

@@ -16,7 +16,7 @@ import pytest
 
 from masksub_jax import checkpoint, convert, evaluate, init_from, models, train
 from masksub_jax.models import vit
-from tests.conftest import REPO, digits_file_config, digits_main_command, tiny_digits_config
+from tests.conftest import REPO, damage_an_array, digits_file_config, digits_main_command, tiny_digits_config
 
 # configs/digits.py, short, at a variant and normalisation of its own (what evaluate must read from
 # config.json), with an evaluation at every checkpoint (what a fallback must reproduce).
@@ -45,28 +45,7 @@ def _copy(run, tmp_path) -> str:
 
 
 def _damage(workdir: str, step: int, how: str, collection: str = "params") -> None:
-    """Rewrites step's checkpoint with the largest array under `collection` changed ("flip": one bit;
-    "nan": all NaN), keeping the step's metadata and the checksums written with it."""
-    item = os.path.join(workdir, "checkpoints", str(step), "default")
-    checkpointer = ocp.StandardCheckpointer()
-    shapes = checkpointer.metadata(item).item_metadata.tree
-    state = checkpointer.restore(item, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), shapes))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    index = max((i for i, (path, _) in enumerate(leaves) if jax.tree_util.keystr(path).startswith(f"['{collection}']")),
-                key=lambda i: leaves[i][1].size)
-    x = np.array(leaves[index][1])
-    if how == "flip":
-        bits = x.reshape(-1).view(f"uint{x.dtype.itemsize * 8}")
-        bits[bits.size // 2] ^= 0x10
-    else:
-        x[...] = np.nan
-    values = [v for _, v in leaves]
-    values[index] = x
-    rewritten = item + ".rewritten"
-    checkpointer.save(rewritten, jax.tree.unflatten(treedef, values))
-    checkpointer.wait_until_finished()
-    shutil.rmtree(item)
-    os.rename(rewritten, item)
+    damage_an_array(os.path.join(workdir, "checkpoints", str(step)), how, collection)
 
 
 def _run(args, timeout=300):
@@ -127,6 +106,8 @@ def test_evaluate_with_every_checkpoint_damaged_stops_in_one_line_naming_each(ru
 
 
 def test_evaluate_mistakes_are_one_line(run, tmp_path):
+    done = _run(["masksub_jax.evaluate", "--config=digits"])
+    assert "give one of --workdir (a training run) and --init_from" in _one_error_line(done)
     done = _run(["masksub_jax.evaluate", f"--init_from={run[0]}"])
     assert "--init_from needs --config=FILE" in _one_error_line(done)
     os.makedirs(tmp_path / "empty")
