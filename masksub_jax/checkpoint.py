@@ -349,11 +349,12 @@ def _read_step(mngr, workdir: str, step: int, ema: bool) -> tuple[dict | None, s
     try:
         with _quiet_orbax():
             record = _saved_record(mngr, step)
-        tree = _restore_variables(os.path.join(checkpoint_dir(workdir), str(step), "default"), ema)
+        item = os.path.join(checkpoint_dir(workdir), str(step), "default")
+        tree = _restore_variables(item, ema)
     except NoAverageError:
         raise
     except Exception as e:
-        _silence_echoes_of(e)
+        _silence_echoes_of(item)
         return None, f"it cannot be read ({_in_brief(e)})"
     problem = damage(tree, record)
     if problem is not None:
@@ -361,15 +362,16 @@ def _read_step(mngr, workdir: str, step: int, ema: bool) -> tuple[dict | None, s
     return (tree["ema"] if ema else tree), None
 
 
-_REPORTED_READ_ERRORS: set[str] = set()
+_FAILED_READS: set[str] = set()  # the step folders whose read failed and was reported
 
 
-def _silence_echoes_of(error: Exception) -> None:
-    """A failed Orbax read leaves TensorStore reads in flight: later, each of them reports the same
-    error once more as an asyncio task's "exception never retrieved", and their callbacks into
-    Orbax's closed event loop print "Event loop is closed" tracebacks (sys.unraisablehook), hundreds
-    of lines after the reader has named the damage in one. Those two, and only those, are dropped."""
-    _REPORTED_READ_ERRORS.add(str(error))
+def _silence_echoes_of(item: str) -> None:
+    """A failed Orbax read of `item` leaves TensorStore reads in flight: later, each of them reports
+    its own error on that folder as an asyncio task's "exception never retrieved", and their callbacks
+    into Orbax's closed event loop print "Event loop is closed" tracebacks (sys.unraisablehook),
+    hundreds of lines after the reader has named the damage in one. Those two, and only those, are
+    dropped."""
+    _FAILED_READS.update({item, os.path.abspath(item)} if "://" not in item else {item})
     if getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
         return
     previous = sys.unraisablehook
@@ -383,7 +385,7 @@ def _silence_echoes_of(error: Exception) -> None:
     class ReportedAlready(logging.Filter):
         def filter(self, record):
             error = record.exc_info[1] if record.exc_info else None
-            return error is None or str(error) not in _REPORTED_READ_ERRORS
+            return error is None or not any(item in str(error) for item in _FAILED_READS)
     logging.getLogger("asyncio").addFilter(ReportedAlready())
 
 
