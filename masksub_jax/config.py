@@ -72,7 +72,12 @@ def base() -> ml_collections.ConfigDict:
     c.model.drop_path = 0.0  # ViT: every block's; Swin, ResNet: the last block's, rising linearly from 0
     c.model.dropout = 0.0
     c.model.layerscale_init = 1e-4  # ViT only; 0 = no LayerScale (MAE)
-    c.model.pool = "token"  # ViT only: "token" (DeiT-III: the final-LN cls token) | "avg" (MAE: patch mean + fc_norm)
+    # ViT only: "token" (DeiT-III: the final-LN cls token) | "avg" (MAE: patch mean, then fc_norm) |
+    # "normed_avg" (FT-CLIP: the final LN on each patch token, then their mean)
+    c.model.pool = "token"
+    c.model.pre_norm = False  # ViT only: CLIP's tower (a LayerNorm before the blocks, no patch-embedding bias)
+    c.model.act = "gelu"  # ViT only: the MLP's activation, "gelu" | "quick_gelu" (OpenAI CLIP)
+    c.model.norm_eps = 1e-6  # ViT only: every LayerNorm's epsilon (CLIP: 1e-5)
     c.model.head_init_std = 0.02  # MAE fine-tuning: 2e-5
     # ResNet only: BatchNorm statistics over groups of this many examples (the official RSB runs: 256,
     # one GPU's batch, no SyncBN), the same on any number of devices; 0 = over the whole batch.
@@ -105,6 +110,9 @@ def base() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0  # global norm; 0 = off. LAMB's official clip is 1.0.
     c.optim.layer_decay = 1.0  # layer-wise lr decay (MAE): lr * decay^(layers - layer); 1 = off
+    # Parameters that do not train (no update, no optimizer state): glob patterns over their "a/b/c"
+    # names, a pattern naming a module freezing all of it: ("patch_embed",) (FT-CLIP), ("blocks_[0-5]",)
+    c.optim.frozen = ()
 
     # Exponential moving average of the weights (timm's ModelEma; DeiT-III: 0.99996), evaluated beside
     # them (eval/ema/...) and exportable (convert --to_timm --ema); 0 = none.
@@ -186,6 +194,41 @@ def mae_finetune(arg: str | None, *, variant: str, epochs: int, blr: float, laye
     c.optim.min_lr, c.optim.warmup_init_lr, c.optim.warmup_epochs = 1e-6, 0.0, 5.0
     c.optim.weight_decay, c.optim.grad_clip_norm = 0.05, 0.0
     c.eval_every_steps = 6255  # every 5 epochs of 1251 steps
+    return c
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_finetune(arg: str | None, *, variant: str, epochs: int, warmup_epochs: int, lr: float,
+                  layer_decay: float) -> ml_collections.ConfigDict:
+    """FT-CLIP (Dong et al. 2022, "CLIP Itself is a Strong Fine-tuner"; github.com/LightDXY/FT-CLIP
+    scripts/bash_fine_Openai_CLIP_*.sh, run_class_finetuning.py's defaults, models/finetune_clip.py)
+    with MaskSub 0.5: OpenAI's CLIP image tower (norm_pre, QuickGELU, LayerNorm eps 1e-5, no patch
+    bias, the patch convolution frozen), the final LN on each patch token then their mean (pool
+    "normed_avg"), a new head init trunc-normal 0.02 x 0.001; 224 px, global batch 2048, AdamW
+    (0.9, 0.999, eps 1e-8) at `lr` not scaled by batch, warmup from 0, cosine to 1e-6, weight decay
+    0.05 (none on 1-D parameters, cls and position embeddings), layer decay, no gradient clipping,
+    drop-path 0, EMA 0.9998 (evaluated: eval/ema/top1), CE with label smoothing 0.1, no mixup or
+    cutmix, rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic random-resized crop 0.08-1, CLIP's mean
+    and std, eval resize 256 + centre crop 224. MaskSub drops half the patch tokens after the position
+    embedding, cls kept (method reference, section 6: how the paper placed it is not stated)."""
+    parse_arg(arg)
+    c = base()
+    c.model.variant, c.model.drop_path, c.model.layerscale_init = variant, 0.0, 0.0
+    c.model.pre_norm, c.model.act, c.model.norm_eps, c.model.pool = True, "quick_gelu", 1e-5, "normed_avg"
+    c.model.head_init_std = 0.02 * 0.001
+    c.data.image_size, c.data.crop_ratio, c.data.mean, c.data.std = 224, 0.875, CLIP_MEAN, CLIP_STD
+    c.data.augment, c.data.random_erasing, c.data.repeated_aug = "rand-m9-mstd0.5-inc1", 0.25, 1
+    c.loss, c.label_smoothing = "ce", 0.1
+    c.mixup.mixup_alpha, c.mixup.cutmix_alpha = 0.0, 0.0
+    c.batch_size, c.total_epochs = 2048, float(epochs)
+    c.optim.name, c.optim.lr, c.optim.layer_decay, c.optim.frozen = "adamw", lr, layer_decay, ("patch_embed",)
+    c.optim.min_lr, c.optim.warmup_init_lr, c.optim.warmup_epochs = 1e-6, 0.0, float(warmup_epochs)
+    c.optim.weight_decay, c.optim.grad_clip_norm = 0.05, 0.0
+    c.ema.decay = 0.9998
+    c.eval_every_steps = 3125  # every 5 epochs of 625 steps
     return c
 
 
@@ -385,6 +428,8 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     _require(c.optim.layer_decay == 1 or hasattr(family, "layer_ids"), "optim.layer_decay", c.optim.layer_decay,
              f"model.family={c.model.family!r} has no layers to decay over (layer_ids); use 1")
     _require(c.model.head_init_std > 0, "model.head_init_std", c.model.head_init_std, "must be > 0")
+    _require(all(isinstance(p, str) and p for p in c.optim.frozen), "optim.frozen", c.optim.frozen,
+             "give glob patterns over parameter names, e.g. ('patch_embed',) or ('blocks_[0-5]',)")
     if num_devices is not None:
         _check_device_counts(c, num_devices, training)
     _require(c.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", c.on_nonfinite, f"use one of {NONFINITE_POLICIES}")

@@ -58,11 +58,11 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 
 
 def save_variables(variables: dict, directory: str, *, family: str | None = None, variant: str | None = None,
-                   image_size: int | None = None) -> dict:
+                   image_size: int | None = None, config: dict | None = None) -> dict:
     """Writes a model's variables ({"params": ..., and e.g. "batch_stats": ...}) as the Orbax
     checkpoint that `config.init_from` reads, and beside it masksub_weights.json (init_from.METADATA):
-    what model they are (for init_from's check and --to_timm) and each array's fingerprint (checked
-    when they are read). Returns that record."""
+    what model they are (for init_from's check and --to_timm; `config`: the config keys the weights
+    imply) and each array's fingerprint (checked when they are read). Returns that record."""
     import json
 
     import orbax.checkpoint as ocp
@@ -72,7 +72,7 @@ def save_variables(variables: dict, directory: str, *, family: str | None = None
     ocp.PyTreeCheckpointer().save(str(workdir_lib.path(directory)), variables)
     head = variables["params"].get(_classifier(family), {}).get("kernel")
     record = {"family": family, "variant": variant, "image_size": image_size,
-              "num_classes": 0 if head is None else int(np.shape(head)[-1]),
+              "num_classes": 0 if head is None else int(np.shape(head)[-1]), "config": config or {},
               "fingerprints": checkpoint.fingerprint_record(variables)}
     workdir_lib.write_text(workdir_lib.path(directory) / init_from.METADATA, json.dumps(record, indent=1))
     return record
@@ -251,12 +251,14 @@ def import_timm(source: str, target: str, *, family: str | None = None, variant:
     if found is not None:
         say(f"The weights are {family} {found['variant']}" + (f" at {found['image_size']} px" if found["image_size"]
                                                              else "") + f", {_classes(found['num_classes'])}.")
+        for note in found.get("notes", ()):
+            say(note)
     variables = _as_variables(family_module, family_module.from_timm(
         state_dict, variant=variant, image_size=image_size, num_classes=num_classes))
     model = {"family": family, "variant": (found or {}).get("variant", variant),
              "image_size": image_size or (found or {}).get("image_size"), "config": (found or {}).get("config", {})}
     written = save_variables(variables, target, family=family, variant=model["variant"],
-                             image_size=model["image_size"])
+                             image_size=model["image_size"], config=model["config"])
     return {**model, "num_classes": written["num_classes"],
             "parameters": sum(v.size for v in flatten(variables["params"]).values())}
 
@@ -313,7 +315,8 @@ def export_timm(source: str, target: str, family: str | None = None, *, ema: boo
              "num_classes": (found or {}).get("num_classes")}
     timm_model = None
     if hasattr(family_module, "timm_model") and model["variant"]:
-        timm_model = family_module.timm_model(state_dict, model["variant"], model["image_size"])
+        timm_model = family_module.timm_model(state_dict, model["variant"], model["image_size"],
+                                              (recorded or {}).get("config") or (found or {}).get("config", {}))
     return {"family": family, **model, "tensors": len(state_dict), "recorded_in": recorded_in,
             "timm_model": timm_model}
 

@@ -5,7 +5,7 @@ import json
 
 from masksub_jax import workdir as workdir_lib
 
-METADATA = "masksub_weights.json"  # {"family", "variant", "image_size", "num_classes", "fingerprints"}
+METADATA = "masksub_weights.json"  # {"family", "variant", "image_size", "num_classes", "config", "fingerprints"}
 
 
 def read_metadata(path: str) -> dict | None:
@@ -55,19 +55,22 @@ def check(config, path: str | None = None, *, flag: str = "config.init_from") ->
 
 
 def recorded_model(path: str) -> tuple[dict, str] | tuple[None, None]:
-    """({"family", "variant", "image_size"} as a training workdir's config.json or a converted
-    directory's METADATA records them (None: not recorded), that file), or (None, None) for neither."""
+    """({"family", "variant", "image_size", "config": the model.* keys} as a training workdir's
+    config.json or a converted directory's METADATA records them (None, {}: not recorded), that file),
+    or (None, None) for neither."""
     where = workdir_lib.path(path)
     if (where / "checkpoints").is_dir():
         record = workdir_lib.started_config(path)
         if record is None:
             return None, None
         return ({"family": record.get("model.family"), "variant": record.get("model.variant"),
-                 "image_size": record.get("data.image_size")}, str(where / "config.json"))
+                 "image_size": record.get("data.image_size"),
+                 "config": {k: v for k, v in record.items() if k.startswith("model.")}}, str(where / "config.json"))
     metadata = read_metadata(path)
     if metadata is None:
         return None, None
-    return {k: metadata.get(k) for k in ("family", "variant", "image_size")}, str(where / METADATA)
+    return ({**{k: metadata.get(k) for k in ("family", "variant", "image_size")}, "config": metadata.get("config", {})},
+            str(where / METADATA))
 
 
 def _check_same_model(config, key: str, family: str | None, variant: str | None, source) -> None:

@@ -5,10 +5,13 @@ norm is clipped first, and the trust ratio ||w|| / ||update|| applies only to pa
 weight decay. No weight decay (hence no trust ratio) on 1-D parameters and on those the model family
 names (ViT: pos_embed, cls_token; Swin: mask_token, relative_position_bias_table).
 """
+import fnmatch
 import functools
 
 import jax
 import optax
+
+from masksub_jax.models.weights import listed
 
 
 def decay_mask(params, no_decay: tuple = ()):
@@ -34,13 +37,34 @@ def lr_schedule(*, lr: float, min_lr: float, warmup_init_lr: float, warmup_steps
         decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
 
 
+def frozen_labels(params, patterns: tuple) -> dict:
+    """"frozen" for each parameter whose "a/b/c" name matches a glob pattern of `patterns` (a pattern
+    naming a module matches everything under it), "train" for the others. A pattern that matches
+    nothing is an error: a typo would otherwise train what the recipe freezes."""
+    def name(path):
+        return "/".join(getattr(p, "key", str(p)) for p in path)
+    names = [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+    def matches(pattern, n):
+        return fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + "/*")
+    unmatched = [p for p in patterns if not any(matches(p, n) for n in names)]
+    if unmatched:
+        tops = sorted({n.split("/")[0] for n in names})
+        raise ValueError(f"Config optim.frozen={tuple(patterns)!r} is invalid: {unmatched} match no parameter; "
+                         f"the parameters are named like {names[0]!r}, under {listed(tops)}.")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if any(matches(p, name(path)) for p in patterns) else "train", params)
+
+
 def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float,
          eps: float, grad_clip_norm: float, no_decay: tuple = (), layer_decay: float = 1.0,
-         layer_ids=None) -> optax.GradientTransformation:
+         layer_ids=None, frozen: tuple = ()) -> optax.GradientTransformation:
     """'lamb' or 'adamw' with decoupled, masked weight decay and optional global-norm clipping;
     `no_decay` names the parameters (besides the 1-D ones) without weight decay. With layer_decay < 1,
     each parameter's step (weight decay included, as in PyTorch's param groups) is scaled by
-    `layer_decay_scales(layer_ids(params), layer_decay)`."""
+    `layer_decay_scales(layer_ids(params), layer_decay)`. The parameters that `frozen` names
+    (`frozen_labels`) get a zero update and no optimizer state, and count in no gradient norm, as
+    PyTorch's requires_grad=False leaves them."""
     if name not in ("lamb", "adamw"):
         raise ValueError(f"Unknown optimizer {name!r}; use 'lamb' or 'adamw'.")
     mask = functools.partial(decay_mask, no_decay=tuple(no_decay))
@@ -52,7 +76,10 @@ def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float,
     parts.append(optax.scale_by_learning_rate(schedule))
     if layer_decay < 1:
         parts.append(_scale_per_parameter(lambda params: layer_decay_scales(layer_ids(params), layer_decay)))
-    return optax.chain(*parts)
+    if not frozen:
+        return optax.chain(*parts)
+    return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()},
+                                 functools.partial(frozen_labels, patterns=tuple(frozen)))
 
 
 def _scale_per_parameter(scales_of) -> optax.GradientTransformation:

@@ -30,7 +30,7 @@ def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
     family = models.of(config)
     tx = optim.make(o.name, schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                     grad_clip_norm=o.grad_clip_norm, no_decay=getattr(family, "NO_DECAY", ()),
-                    layer_decay=o.layer_decay, layer_ids=getattr(family, "layer_ids", None))
+                    layer_decay=o.layer_decay, layer_ids=getattr(family, "layer_ids", None), frozen=tuple(o.frozen))
     return tx, schedule
 
 

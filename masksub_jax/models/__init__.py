@@ -1,4 +1,4 @@
-"""Model families, chosen by `config.model.family`: "vit", "swin", "resnet", or the import path of your own
+"""Model families, chosen by `config.model.family`: "vit", "swin", "resnet", "beit", or the import path of your own
 module (e.g. "my_project.my_family"). A family module says
 
   describe(config) -> str                   how the trainer names the model, e.g. "ViT-S/16"
@@ -30,10 +30,12 @@ and may say (absent: the default after the colon)
                                             `python -m masksub_jax.convert`: "no timm mapping"
   detect(state_dict) -> dict | None         None unless the key names are the family's; else {"variant",
                                             "image_size" (None: any), "num_classes", "config": further
-                                            config keys the weights imply}: convert needs --family
-  timm_model(state_dict, variant, image_size) -> (name, kwargs) | None
+                                            config keys the weights imply, and optionally "notes": lines
+                                            convert prints, e.g. what it leaves out}: convert needs --family
+  timm_model(state_dict, variant, image_size, config) -> (name, kwargs) | None
                                             the timm.create_model call that loads to_timm's state dict,
-                                            which convert --to_timm prints: none
+                                            which convert --to_timm prints (config: the model.* keys
+                                            the run or the converted weights record): none
   fit(loaded, initial, say) -> loaded       config.init_from: the loaded parameters (flat "a/b" names)
                                             fitted to the freshly initialised ones: only a head of
                                             another size is re-initialised
@@ -59,7 +61,7 @@ import functools
 import importlib
 import math
 
-FAMILIES = ("vit", "swin", "resnet")
+FAMILIES = ("vit", "swin", "resnet", "beit")
 
 
 def get(family: str):

@@ -43,17 +43,26 @@ class DropPath(Dropout):
         return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
+def quick_gelu(x):
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> dropout -> fc2 -> dropout, on the last axis."""
+    """fc1 -> activation (exact GELU, or CLIP's QuickGELU) -> dropout -> fc2 -> dropout, on the last axis."""
     hidden: int
     dropout: float
     dtype: Any
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x, deterministic: bool, example_ids):
         width = x.shape[-1]
         x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = ACTIVATIONS[self.act](x)
         x = Dropout(self.dropout)(x, deterministic, example_ids)
         x = nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
         return Dropout(self.dropout)(x, deterministic, example_ids)

@@ -444,7 +444,7 @@ _TIMM_MODELS = {"T": "swin_tiny_patch4_window7_224", "S": "swin_small_patch4_win
                 "B": "swin_base_patch4_window7_224"}
 
 
-def timm_model(state_dict: dict, variant: str, image_size: int) -> tuple[str, dict]:
+def timm_model(state_dict: dict, variant: str, image_size: int, config: dict | None = None) -> tuple[str, dict]:
     """The `timm.create_model` name and keyword arguments (besides num_classes) of the model that
     `state_dict` (to_timm's) loads into: a swin_*_window7_224 model, with what differs from it."""
     width, depths, heads, window, patch = parse_variant(variant)

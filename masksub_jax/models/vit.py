@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from masksub_jax.models.layers import Dropout, DropPath, Mlp, conv_init, dense_init
+from masksub_jax.models.layers import ACTIVATIONS, Dropout, DropPath, Mlp, conv_init, dense_init
 from masksub_jax.models.weights import ConversionError, flatten, linear_to_ours, linear_to_timm, listed, nest
 
 # name -> (width, depth, heads). Patch size comes after the slash: "B/16".
@@ -109,18 +109,20 @@ class Block(nn.Module):
     drop_path: float
     layerscale_init: float
     dtype: Any
+    norm_eps: float = 1e-6
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x, deterministic: bool, example_ids):
         width = x.shape[-1]
         scale_init = nn.initializers.constant(self.layerscale_init)
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm1")(x)
         y = Attention(self.num_heads, self.dropout, self.dtype, name="attn")(y, deterministic, example_ids)
         if self.layerscale_init:
             y = self.param("gamma_1", scale_init, (width,)).astype(self.dtype) * y
         x = x + DropPath(self.drop_path)(y, deterministic, example_ids)
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-        y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, deterministic, example_ids)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm2")(x)
+        y = Mlp(self.mlp_dim, self.dropout, self.dtype, self.act, name="mlp")(y, deterministic, example_ids)
         if self.layerscale_init:
             y = self.param("gamma_2", scale_init, (width,)).astype(self.dtype) * y
         return x + DropPath(self.drop_path)(y, deterministic, example_ids)
@@ -136,7 +138,12 @@ class ViT(nn.Module):
     drop_path: float = 0.0
     dropout: float = 0.0
     layerscale_init: float = 1e-4  # 0: no LayerScale
-    pool: str = "token"  # "token": the final-LN cls token; "avg": mean of the patch tokens + fc_norm
+    # "token": the final-LN cls token; "avg": mean of the patch tokens, then fc_norm (MAE);
+    # "normed_avg": the final LN on each patch token, then their mean (FT-CLIP)
+    pool: str = "token"
+    pre_norm: bool = False  # CLIP: a LayerNorm (norm_pre, CLIP's ln_pre) before the blocks, no patch bias
+    act: str = "gelu"  # the MLP's: "gelu" (exact) or "quick_gelu" (OpenAI CLIP)
+    norm_eps: float = 1e-6  # every LayerNorm's; CLIP's 1e-5
     head_init_std: float = 0.02
     mlp_ratio: int = 4
     remat: bool = False
@@ -149,7 +156,7 @@ class ViT(nn.Module):
         if images.shape[1] % patch or images.shape[2] % patch:
             raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch} "
                              f"of ViT-{self.variant}; pick an image size that is a multiple of {patch}.")
-        x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
+        x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=not self.pre_norm,
                     kernel_init=conv_init, dtype=self.dtype, name="patch_embed")(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, width)
@@ -158,6 +165,8 @@ class ViT(nn.Module):
             x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
         cls = self.param("cls_token", dense_init, (1, 1, width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+        if self.pre_norm:
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm_pre")(x)
 
         # Dropout and drop-path draw per example, keyed by its index in the step's batch.
         example_ids = first_example + jnp.arange(batch)
@@ -166,11 +175,14 @@ class ViT(nn.Module):
         drop_path = self.drop_path if drop_path_rate is None else drop_path_rate
         for i in range(depth):
             x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init, self.dtype,
-                      name=f"blocks_{i}")(x, not train, example_ids)
-        if self.pool == "avg":  # over the kept tokens in the masked sub-branch
-            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
+                      self.norm_eps, self.act, name=f"blocks_{i}")(x, not train, example_ids)
+        # The pools average over the kept tokens in the masked sub-branch.
+        if self.pool == "avg":
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
+        elif self.pool == "normed_avg":
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x[:, 1:]).mean(axis=1)
         else:
-            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)[:, 0]
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)[:, 0]
         head_init = nn.initializers.truncated_normal(self.head_init_std)
         logits = nn.Dense(self.num_classes, kernel_init=head_init, dtype=self.dtype, name="head")(x)
         return logits.astype(jnp.float32)
@@ -180,7 +192,8 @@ class ViT(nn.Module):
 # The family interface (masksub_jax/models/__init__.py).
 NO_DECAY = ("pos_embed", "cls_token")
 SUB_BRANCHES = ("masking", "dropout", "droppath")
-POOLS = ("token", "avg")
+POOLS = ("token", "avg", "normed_avg")
+ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 def describe(config) -> str:
@@ -194,6 +207,11 @@ def check(config) -> None:
         raise ValueError(f"Config model.variant={config.model.variant!r} is invalid: {e}") from None
     if config.model.pool not in POOLS:
         raise ValueError(f"Config model.pool={config.model.pool!r} is invalid: use one of {POOLS}.")
+    if config.model.act not in ACTIVATIONS:
+        raise ValueError(f"Config model.act={config.model.act!r} is invalid: use one of {ACTIVATIONS}.")
+    if not 0 < config.model.norm_eps < 1:
+        raise ValueError(f"Config model.norm_eps={config.model.norm_eps!r} is invalid: LayerNorm's epsilon is in "
+                         "(0, 1); 1e-6 (DeiT-III, MAE) or 1e-5 (CLIP).")
     size = config.data.image_size
     if size <= 0 or size % patch:
         raise ValueError(f"Config data.image_size={size!r} is invalid: must be a positive multiple of the patch "
@@ -203,8 +221,8 @@ def check(config) -> None:
 def build(config, num_classes: int) -> ViT:
     m = config.model
     return ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
-               layerscale_init=m.layerscale_init, pool=m.pool, head_init_std=m.head_init_std, remat=m.remat,
-               dtype=jnp.dtype(m.dtype))
+               layerscale_init=m.layerscale_init, pool=m.pool, pre_norm=m.pre_norm, act=m.act, norm_eps=m.norm_eps,
+               head_init_std=m.head_init_std, remat=m.remat, dtype=jnp.dtype(m.dtype))
 
 
 def num_units(config) -> int:
@@ -213,13 +231,14 @@ def num_units(config) -> int:
 
 
 def layer_ids(params) -> dict:
-    """Each parameter's layer for layer-wise lr decay, as MAE's get_layer_id_for_vit: 0 the
-    embeddings (patch_embed, cls_token, pos_embed), i + 1 block i, depth + 1 the rest (norms, head)."""
+    """Each parameter's layer for layer-wise lr decay, as MAE's get_layer_id_for_vit and FT-CLIP's
+    get_num_layer_for_vit: 0 the embeddings (patch_embed, cls_token, pos_embed, CLIP's norm_pre),
+    i + 1 block i, depth + 1 the rest (the final norms, head)."""
     depth = sum(1 for name in params if name.startswith("blocks_"))
 
     def layer(path, _):
         top = getattr(path[0], "key", str(path[0]))
-        if top in ("patch_embed", "cls_token", "pos_embed"):
+        if top in ("patch_embed", "cls_token", "pos_embed", "norm_pre"):
             return 0
         return int(top.removeprefix("blocks_")) + 1 if top.startswith("blocks_") else depth + 1
     return jax.tree_util.tree_map_with_path(layer, params)
@@ -239,7 +258,10 @@ def forward_flops(config, num_classes: int, kept_units: int | None = None) -> fl
 # timm weights. Layouts read: timm's deit3_* (LayerScale ls1.gamma, pos_embed without a cls slot);
 # the official DeiT-III and augsub checkpoints (LayerScale gamma_1 / gamma_2, `module.` prefixes);
 # MAE pretraining (a cls slot, no LayerScale, its decoder and mask_token dropped) and MAE / timm
-# global-pool fine-tuning (fc_norm, no final norm); augreg (a cls slot, no LayerScale).
+# global-pool fine-tuning (fc_norm, no final norm); augreg (a cls slot, no LayerScale); CLIP image
+# towers in OpenAI's / open_clip's names (visual.conv1, visual.transformer.resblocks.N...) and in
+# timm's vit_*_clip_* names (norm_pre, no patch bias), their final norm (ln_post) and projection left
+# out for fine-tuning.
 _BLOCK = {
     "norm1/scale": "norm1.weight", "norm1/bias": "norm1.bias",
     "norm2/scale": "norm2.weight", "norm2/bias": "norm2.bias",
@@ -252,9 +274,10 @@ _BLOCK = {
 _TOP = {"norm/scale": "norm.weight", "norm/bias": "norm.bias", "fc_norm/scale": "fc_norm.weight",
         "fc_norm/bias": "fc_norm.bias", "head/kernel": "head.weight", "head/bias": "head.bias",
         "patch_embed/kernel": "patch_embed.proj.weight", "patch_embed/bias": "patch_embed.proj.bias",
-        "cls_token": "cls_token", "pos_embed": "pos_embed"}
+        "cls_token": "cls_token", "pos_embed": "pos_embed", "norm_pre/scale": "norm_pre.weight",
+        "norm_pre/bias": "norm_pre.bias"}
 # Keys of checkpoints that carry no parameters of this architecture and are dropped silently.
-_IGNORED = re.compile(r"^(pos_drop|patch_drop|norm_pre|decoder_)|^mask_token$|\.num_batches_tracked$")
+_IGNORED = re.compile(r"^(pos_drop|patch_drop|decoder_)|^mask_token$|\.num_batches_tracked$")
 _OFFICIAL = ((re.compile(r"\.gamma_1$"), ".ls1.gamma"), (re.compile(r"\.gamma_2$"), ".ls2.gamma"))
 # timm model names, e.g. deit3_base_patch16_224 or vit_huge_patch14_224.mae, as variant and image size.
 _TIMM_NAME = re.compile(r"^(?:deit3|deit|vit)_(tiny|small|medium|base|large|huge)_patch(\d+)_(\d+)")
@@ -266,6 +289,49 @@ def _names(depth: int) -> dict[str, str]:
     for i in range(depth):
         names.update({f"blocks_{i}/{ours}": f"blocks.{i}.{theirs}" for ours, theirs in _BLOCK.items()})
     return names
+
+
+# OpenAI's CLIP names (open_clip's are the same) of the image tower -> timm's, as timm's _convert_openai_clip.
+_CLIP_NAMES = (("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
+               ("transformer.resblocks.", "blocks."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."),
+               (".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".ls_1.", ".ls1."), (".ls_2.", ".ls2."),
+               ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+               ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."))
+QUICK_GELU_ASSUMED = ("The MLPs' activation is taken to be QuickGELU, as OpenAI trained CLIP; for weights "
+                      "trained with exact GELU (OpenCLIP's LAION models) add --config.model.act=gelu.")
+
+
+def _clip_tower(state_dict: dict) -> tuple[dict, list[str]]:
+    """A CLIP state dict in OpenAI's / open_clip's names (the whole model with `visual.`, or the image
+    tower alone) as timm's names of the tower, without CLIP's final norm and projection; and what was
+    left out, one line each. Other state dicts as they are."""
+    visual = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
+    tower = visual or state_dict
+    if "class_embedding" not in tower or "conv1.weight" not in tower:
+        return state_dict, []
+    notes = [f"CLIP's text tower ({len(state_dict) - len(visual)} tensors) is left out."] if visual else []
+    sd = {}
+    for key, value in tower.items():
+        for ours, theirs in _CLIP_NAMES:
+            key = key.replace(ours, theirs)
+        value = np.asarray(value)
+        sd[key] = value.reshape(1, 1, -1) if key == "cls_token" else value[None] if key == "pos_embed" else value
+    dropped = sorted(k for k in sd if k == "proj" or k.startswith("norm."))
+    notes.append(f"CLIP's final norm (ln_post) and projection ({', '.join(dropped)}) are left out: fine-tuning "
+                 "starts a new norm and head (FT-CLIP).")
+    return {k: v for k, v in sd.items() if k not in dropped}, notes
+
+
+def _without_clip_projection(sd: dict) -> tuple[dict, list[str]]:
+    """timm's CLIP towers (vit_*_clip_*.openai, .laion2b) keep CLIP's projection as a head with an
+    all-zero bias, which no trained classifier has: it and CLIP's final norm are left out, as for
+    OpenAI's names."""
+    if "norm_pre.weight" not in sd or "head.bias" not in sd or np.any(sd["head.bias"]):
+        return sd, []
+    dropped = sorted(k for k in sd if k.startswith(("head.", "norm.")))
+    return ({k: v for k, v in sd.items() if k not in dropped},
+            [f"CLIP's final norm and projection ({', '.join(dropped)}; the projection is the head with an all-zero "
+             "bias) are left out: fine-tuning starts a new norm and head (FT-CLIP)."])
 
 
 def _has_cls_slot(positions: int) -> bool:
@@ -323,7 +389,7 @@ def detect(state_dict) -> dict | None:
     """What a state dict says of itself if its key names are a ViT's (cls_token, pos_embed,
     blocks.N.attn.qkv), else None: {"variant", "image_size" (what pos_embed was made for),
     "num_classes" (0: no head), "config": the further config keys the weights imply}."""
-    sd = _canonical(state_dict)
+    sd, notes = _canonical_and_notes(state_dict)
     if not ({"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(sd) and any(map(_QKV.match, sd))):
         return None
     variant, image_size = resolve_variant(None, sd)
@@ -332,12 +398,25 @@ def detect(state_dict) -> dict | None:
     if "fc_norm.weight" in sd:
         config["model.pool"] = "avg"
     head = sd.get("head.weight")
-    return {"variant": variant, "image_size": image_size, "num_classes": 0 if head is None else head.shape[0],
-            "config": config}
+    said = {"variant": variant, "image_size": image_size, "num_classes": 0 if head is None else head.shape[0],
+            "config": config, "notes": notes}
+    if "norm_pre.weight" in sd:  # a CLIP tower
+        config.update({"model.pre_norm": True, "model.norm_eps": 1e-5, "model.act": "quick_gelu"})
+        if head is None:
+            config["model.pool"] = "normed_avg"
+        said["notes"] = [*said["notes"], QUICK_GELU_ASSUMED]
+    return said
 
 
 def _canonical(state_dict) -> dict:
-    """timm's names for the official checkpoints' (module. prefix, gamma_1 / gamma_2); dropped keys out."""
+    """timm's names for the official checkpoints' (module. prefix, gamma_1 / gamma_2) and CLIP's;
+    dropped keys out."""
+    return _canonical_and_notes(state_dict)[0]
+
+
+def _canonical_and_notes(state_dict) -> tuple[dict, list[str]]:
+    """`_canonical`, and what it left out of CLIP's weights, one line each."""
+    state_dict, notes = _clip_tower({k.removeprefix("module."): v for k, v in state_dict.items()})
     sd = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
@@ -345,7 +424,8 @@ def _canonical(state_dict) -> dict:
             key = pattern.sub(timm_name, key)
         if not _IGNORED.search(key):
             sd[key] = np.asarray(value)
-    return sd
+    sd, more = _without_clip_projection(sd)
+    return sd, notes + more
 
 
 def resize_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
@@ -376,16 +456,17 @@ def from_timm(state_dict, *, variant: str | None = None, image_size: int | None 
     width, depth, _, patch = parse_variant(variant)
     names = _names(depth)
     has = {"layerscale": "blocks.0.ls1.gamma" in sd, "norm": "norm.weight" in sd, "fc_norm": "fc_norm.weight" in sd,
-           "head": "head.weight" in sd and (num_classes is None or sd["head.weight"].shape[0] == num_classes)}
+           "head": "head.weight" in sd and (num_classes is None or sd["head.weight"].shape[0] == num_classes),
+           "norm_pre": "norm_pre.weight" in sd, "patch_embed/bias": "patch_embed.proj.bias" in sd}
 
     def in_checkpoint(ours: str) -> bool:
         if ours.endswith(("gamma_1", "gamma_2")):
             return has["layerscale"]
-        return has.get(ours.split("/")[0], True)
+        return has.get(ours, has.get(ours.split("/")[0], True))
     expected = {theirs for ours, theirs in names.items() if in_checkpoint(ours)}
     missing = set(expected) - set(sd)
     unexpected = set(sd) - expected - ({"head.weight", "head.bias"} if not has["head"] else set())
-    if missing or unexpected or not (has["norm"] or has["fc_norm"]):
+    if missing or unexpected or not (has["norm"] or has["fc_norm"] or has["norm_pre"]):
         raise ConversionError(f"The checkpoint does not fit ViT-{variant}: missing keys {listed(missing)}, "
                               f"unexpected keys {listed(unexpected)}. Check --variant (width {width}, "
                               f"depth {depth}, patch {patch}), or leave it out to read it from the weights.")
@@ -408,6 +489,7 @@ def from_timm(state_dict, *, variant: str | None = None, image_size: int | None 
 
 def _expected_shapes(width, depth, patch, channels, num_classes, grid) -> dict[str, tuple]:
     shapes = {"patch_embed/kernel": (patch, patch, channels, width), "patch_embed/bias": (width,),
+              "norm_pre/scale": (width,), "norm_pre/bias": (width,),
               "cls_token": (1, 1, width), "pos_embed": (1, grid * grid, width), "norm/scale": (width,),
               "norm/bias": (width,), "fc_norm/scale": (width,), "fc_norm/bias": (width,),
               "head/kernel": (width, num_classes), "head/bias": (num_classes,)}
@@ -422,15 +504,20 @@ def _expected_shapes(width, depth, patch, channels, num_classes, grid) -> dict[s
 
 
 def to_timm(params) -> dict[str, np.ndarray]:
-    """Our parameters as a timm DeiT-III state dict (`timm.create_model('deit3_...')` loads it with
-    `load_state_dict`; pos_embed without a cls slot)."""
+    """Our parameters as a timm state dict that `timm_model`'s model loads with `load_state_dict`:
+    DeiT-III's (pos_embed without a cls slot), or with norm_pre a CLIP tower's (timm's vit_*_clip_*,
+    whose pos_embed has a cls slot: zero, as the cls token already holds it)."""
     flat = flatten(params)
     depth = len({k.split("/")[0] for k in flat if k.startswith("blocks_")})
     names = _names(depth)
     unknown = set(flat) - set(names)
     if unknown:
         raise ConversionError(f"Not parameters of our ViT: {listed(unknown)}.")
-    return {names[k]: np.ascontiguousarray(linear_to_timm(k, v)) for k, v in flat.items()}
+    sd = {names[k]: np.ascontiguousarray(linear_to_timm(k, v)) for k, v in flat.items()}
+    if "norm_pre/scale" in flat:
+        pos = sd["pos_embed"]
+        sd["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+    return sd
 
 
 # The timm models our variants are built from (timm has no deit3_tiny: ViT-Ti is deit3_small, narrower).
@@ -438,11 +525,20 @@ _TIMM_MODELS = {"S": "deit3_small_patch16_224", "M": "deit3_medium_patch16_224",
                 "L": "deit3_large_patch16_224", "H": "deit3_huge_patch14_224"}
 
 
-def timm_model(state_dict: dict, variant: str, image_size: int) -> tuple[str, dict]:
+# timm's CLIP towers, by our variant: vit_{size}_patch{patch}_clip[_quickgelu]_224.
+_TIMM_CLIP_MODELS = {"B/16": "vit_base_patch16_clip", "B/32": "vit_base_patch32_clip",
+                     "L/14": "vit_large_patch14_clip", "H/14": "vit_huge_patch14_clip"}
+
+
+def timm_model(state_dict: dict, variant: str, image_size: int, config: dict | None = None) -> tuple[str, dict]:
     """The `timm.create_model` name and keyword arguments (besides num_classes) of the model that
     `state_dict` (to_timm's) loads into: a deit3_* model, with what differs from it (width, depth,
-    heads, patch, image size, channels; no LayerScale and global-pool fc_norm for MAE's ViT)."""
+    heads, patch, image size, channels; no LayerScale and global-pool fc_norm for MAE's ViT); a CLIP
+    tower (norm_pre) as timm's vit_*_clip[_quickgelu]_224, by `config`'s model.act and model.pool
+    (the run's flat config; QuickGELU and the cls token where it does not say)."""
     width, depth, heads, patch = parse_variant(variant)
+    if "norm_pre.weight" in state_dict:
+        return _timm_clip_model(state_dict, variant, image_size, config or {})
     name = _TIMM_MODELS.get(variant.split("/")[0], _TIMM_MODELS["S"])
     timm_size, timm_patch, _ = _TIMM_NAME.match(name).groups()
     timm_width, timm_depth, timm_heads = VARIANTS[_TIMM_SIZES[timm_size]]
@@ -462,6 +558,21 @@ def timm_model(state_dict: dict, variant: str, image_size: int) -> tuple[str, di
     return name, kwargs
 
 
+def _timm_clip_model(state_dict: dict, variant: str, image_size: int, config: dict) -> tuple[str, dict]:
+    width, depth, heads, patch = parse_variant(variant)
+    quick = config.get("model.act", "quick_gelu") == "quick_gelu"
+    base = _TIMM_CLIP_MODELS.get(variant, _TIMM_CLIP_MODELS["B/16"])
+    name = f"{base}_quickgelu_224" if quick else f"{base}_224"
+    timm_variant_, _ = timm_variant(base.replace("_clip", "") + "_224")
+    kwargs = {}
+    if timm_variant_ != variant:
+        kwargs.update(embed_dim=width, depth=depth, num_heads=heads, patch_size=patch)
+    kwargs["img_size"] = image_size
+    if config.get("model.pool") == "normed_avg":
+        kwargs.update(global_pool="avg", fc_norm=False)  # timm's final norm on every token, then the mean
+    return name, kwargs
+
+
 def fit(loaded: dict, initial: dict, say) -> dict:
     """config.init_from: pos_embed resampled to the configured grid; LayerScale gammas of 1 for weights
     without LayerScale; a final norm the configured model does not have (MAE pretraining weights for
@@ -472,6 +583,10 @@ def fit(loaded: dict, initial: dict, say) -> dict:
             and pos.shape[-1] == initial["pos_embed"].shape[-1]):  # another width: not a grid to resample
         out["pos_embed"] = resize_pos_embed(pos, int(round(np.sqrt(initial["pos_embed"].shape[1]))))
         say(f"init_from: resampled pos_embed from {pos.shape} to {out['pos_embed'].shape}.")
+    fresh = [name for name in initial if name.startswith("norm/") and name not in out and "fc_norm/scale" not in out]
+    if fresh:  # CLIP weights, whose final norm convert left out
+        out.update({name: initial[name] for name in fresh})
+        say("init_from: the weights have no final norm; it starts fresh (ones and zeros), as FT-CLIP's.")
     gammas = [name for name in initial if name.endswith(("/gamma_1", "/gamma_2")) and name not in out]
     if gammas:
         out.update({name: np.ones_like(initial[name]) for name in gammas})
