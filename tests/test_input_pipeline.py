@@ -267,3 +267,16 @@ def test_prefetch_keeps_order_and_runs_a_fixed_number_ahead():
         taken.append(item)
         assert len(produced) == min(6, len(taken) + 2)
     assert taken == list(range(6))
+
+
+def test_synthetic_eval_split_has_the_training_classes_templates():
+    """A model that learns the training split can score on the eval split: each eval image is nearest
+    to the mean training image of its own class (the eval split once drew templates of its own)."""
+    from masksub_jax.data.pipeline import synthetic_examples
+    size = dict(image_size=8, num_classes=5, channels=3)
+    train_images, train_labels = synthetic_examples(200, seed=0, **size)
+    eval_images, eval_labels = synthetic_examples(50, seed=0, noise_seed=1, **size)
+    assert not np.array_equal(train_images[:50], eval_images)
+    means = np.stack([train_images[train_labels == k].mean(0) for k in range(5)]).reshape(5, -1)
+    distances = ((eval_images.reshape(50, 1, -1).astype(np.float64) - means) ** 2).sum(-1)
+    assert np.mean(distances.argmin(1) == eval_labels) == 1.0

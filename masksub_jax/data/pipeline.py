@@ -86,10 +86,15 @@ def pad(batch: Batch, size: int) -> Batch:
     return out
 
 
-def synthetic_examples(num: int, *, image_size: int, num_classes: int, seed: int, channels: int = 3):
-    """Example i has label i % num_classes and image = its class's template blended with noise."""
+def synthetic_examples(num: int, *, image_size: int, num_classes: int, seed: int, noise_seed: int | None = None,
+                       channels: int = 3):
+    """Example i has label i % num_classes and image = its class's template (drawn from `seed`)
+    blended with noise (drawn from `noise_seed`; None: after the templates, from `seed`): the eval
+    split has the training split's templates and noise of its own."""
     rng = np.random.default_rng(seed)
     templates = rng.integers(0, 256, (num_classes, image_size, image_size, channels))
+    if noise_seed is not None:
+        rng = np.random.default_rng(noise_seed)
     labels = (np.arange(num) % num_classes).astype(np.int32)
     noise = rng.integers(0, 256, (num, image_size, image_size, channels))
     return ((templates[labels] + noise) // 2).astype(np.uint8), labels
@@ -106,7 +111,8 @@ def make(config, process_index: int = 0, process_count: int = 1, batch_multiple:
     if d.source == "synthetic":
         size = dict(image_size=d.image_size, num_classes=d.num_classes, channels=len(d.mean))
         return ArraySource(synthetic_examples(d.num_train_examples, seed=config.seed, **size),
-                           synthetic_examples(d.num_eval_examples, seed=config.seed + 1, **size),
+                           synthetic_examples(d.num_eval_examples, seed=config.seed, noise_seed=config.seed + 1,
+                                              **size),
                            num_classes=d.num_classes, **common)
     if d.source == "digits":
         builder = digits.builder(d.data_dir)  # splits train (1497) and test (300); slices work: "train[:500]"
