@@ -1,6 +1,7 @@
-"""ResNet (RSB) with BatchNorm and the zeroed-squares sub-branch: parity with timm, PyTorch's BatchNorm
-and the official MaskSub step (fixtures from tools/make_resnet_fixtures.py), the statistics in the
-train step, the configs, and timm weights in and out."""
+"""ResNet (RSB) with BatchNorm and the zeroed-squares sub-branch, bottleneck (50/101/152) and basic
+blocks (18/34): parity with timm, PyTorch's BatchNorm and the official MaskSub step (fixtures from
+tools/make_resnet_fixtures.py), the statistics in the train step, the configs, and timm weights in
+and out."""
 import functools
 import json
 import os
@@ -20,27 +21,42 @@ from masksub_jax.models import layers, resnet, weights
 from tests.conftest import REPO, digits_file_config, digits_main_command, tiny_digits_config, wait_for_step
 from tests.seeded import seeded_batchnorm_weights
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "resnet_parity.npz")
-TINY = ((1, 1, 1, 1), 64, (4, 8, 16, 32))  # the fixture's timm model (its plain stem is 64 wide)
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# The fixtures' tiny timm models (timm's plain stem is 64 wide).
+TINY = ((1, 1, 1, 1), 64, (4, 8, 16, 32), "bottleneck")  # resnet_parity.npz
+TINY_BASIC = ((2, 1, 1, 1), 64, (4, 8, 16, 32), "basic")  # resnet_basic_parity.npz
+# layout -> (fixture file, our variant of its tiny model, BatchNorms in that model)
+LAYOUTS = {"bottleneck": ("resnet_parity", "parity", 17), "basic": ("resnet_basic_parity", "parity_basic", 15)}
+
+
+@functools.cache
+def _fixture(name: str) -> dict:
+    with np.load(os.path.join(FIXTURES, f"{name}.npz")) as data:
+        return {k: data[k] for k in data.files}
 
 
 @pytest.fixture(scope="module")
 def fx():
-    with np.load(FIXTURE) as data:
-        return {k: data[k] for k in data.files}
+    return _fixture("resnet_parity")
+
+
+@pytest.fixture(scope="module")
+def fx_basic():
+    return _fixture("resnet_basic_parity")
 
 
 @pytest.fixture(autouse=True)
 def _parity_variant(monkeypatch):
     monkeypatch.setitem(resnet.VARIANTS, "parity", TINY)
+    monkeypatch.setitem(resnet.VARIANTS, "parity_basic", TINY_BASIC)
 
 
 def _state_dict(fx, prefix):
     return {k.split("/", 1)[1]: v for k, v in fx.items() if k.startswith(prefix + "/")}
 
 
-def _variables(fx):
-    return resnet.from_timm(_state_dict(fx, "tiny"), variant="parity")
+def _variables(fx, variant="parity"):
+    return resnet.from_timm(_state_dict(fx, "tiny"), variant=variant)
 
 
 def _rel(got, want):
@@ -48,6 +64,13 @@ def _rel(got, want):
 
 
 MODEL = resnet.ResNet(num_classes=10, variant="parity", block_size=16)
+MODELS = {"parity": MODEL, "parity_basic": resnet.ResNet(num_classes=10, variant="parity_basic", block_size=16)}
+
+
+def _layout(layout):
+    """(fixture, our variant, our model, BatchNorm count) of the tiny model with `layout`'s blocks."""
+    name, variant, norms = LAYOUTS[layout]
+    return _fixture(name), variant, MODELS[variant], norms
 
 
 def _train_forward(model):
@@ -58,16 +81,18 @@ def _train_forward(model):
     return forward
 
 
-def _running(fx, prefix):
+def _running(fx, prefix, variant="parity"):
     """Our batch_stats tree from the fixture's running_mean / running_var buffers."""
     sd = {**_state_dict(fx, "tiny"), **_state_dict(fx, prefix)}
-    return resnet.from_timm(sd, variant="parity")["batch_stats"]
+    return resnet.from_timm(sd, variant=variant)["batch_stats"]
 
 
 # --------------------------------------------------------------------------------------------------
 # The model.
-def test_eval_logits_equal_timm_on_the_same_weights(fx):
-    logits = MODEL.apply(_variables(fx), jnp.asarray(fx["images"]))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_logits_equal_timm_on_the_same_weights(layout):
+    fx, variant, model, _ = _layout(layout)
+    logits = model.apply(_variables(fx, variant), jnp.asarray(fx["images"]))
     assert _rel(logits, fx["tiny_logits"]) < 1e-5
 
 
@@ -86,20 +111,62 @@ def test_resnet50_logits_equal_timm_at_64px_and_export_gives_timm_names_and_shap
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
+def test_resnet18_logits_equal_timm_at_64px_and_resnet18_34_are_read_and_written_in_timms_names(fx_basic):
+    """The basic-block layouts as timm has them: the variant read from the names and shapes alone,
+    the seeded resnet18's logits, and export giving back timm's state dict (strict-loadable)."""
+    specs = {name: {n: tuple(int(d) for d in s.split(",") if d)
+                    for n, s in zip(fx_basic[f"{name}_names"], fx_basic[f"{name}_shapes"])}
+             for name in ("resnet18", "resnet34")}
+    sd = seeded_batchnorm_weights(specs["resnet18"])
+    assert resnet.detect(sd) == {"variant": "18", "image_size": None, "num_classes": 1000, "config": {}}
+    variables = resnet.from_timm(sd)
+    image = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32).transpose(0, 2, 3, 1)
+    logits = resnet.ResNet(num_classes=1000, variant="18").apply(variables, jnp.asarray(image))
+    assert _rel(logits, fx_basic["resnet18_logits"]) < 1e-5
+    exported = resnet.to_timm(variables)
+    assert sorted(exported) == sorted(sd) and {k: v.shape for k, v in exported.items()} == specs["resnet18"]
+    for k, v in sd.items():  # export(load(sd)) == sd, bit for bit (the counters are written as 0)
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    assert resnet.timm_model(exported, "18") == ("resnet18", {})
+
+    sd34 = {k: np.zeros(s, np.int64 if k.endswith("num_batches_tracked") else np.float32)
+            for k, s in specs["resnet34"].items()}
+    assert resnet.detect(sd34)["variant"] == "34"
+    exported = resnet.to_timm(resnet.from_timm(sd34))
+    assert {k: v.shape for k, v in exported.items()} == specs["resnet34"]
+    assert resnet.timm_model(exported, "34") == ("resnet34", {})
+
+
+def test_basic_block_variants_count_timms_flops_and_tiny_ones_name_timms_model(fx_basic):
+    """ResNet-18/34 at 224 px: 1.814 / 3.664 GMACs (torchvision's ResNet18/34_Weights, timm 1.82 / 3.67)."""
+    config = configs.get("resnet50")
+    for variant, macs in (("18", 1.814e9), ("34", 3.664e9)):
+        config.model.variant = variant
+        assert resnet.forward_flops(config, 1000) == pytest.approx(2 * macs, rel=1e-3), variant
+    # A basic-block size timm has no name for: resnet18 with our blocks per stage and widths.
+    assert resnet.timm_model(_state_dict(fx_basic, "tiny"), "parity_basic") == (
+        "resnet18", {"layers": (2, 1, 1, 1), "channels": (4, 8, 16, 32)})
+
+
 def test_parameter_counts_are_timms():
-    # timm: resnet50 25,557,032; resnet101 44,549,160; resnet152 60,192,808 parameters.
-    for variant, count in (("50", 25_557_032), ("101", 44_549_160), ("152", 60_192_808)):
+    # timm: resnet18 11,689,512; resnet34 21,797,672; resnet50 25,557,032; resnet101 44,549,160;
+    # resnet152 60,192,808 parameters.
+    for variant, count in (("18", 11_689_512), ("34", 21_797_672), ("50", 25_557_032), ("101", 44_549_160),
+                           ("152", 60_192_808)):
         shapes = jax.eval_shape(resnet.ResNet(num_classes=1000, variant=variant).init, jax.random.PRNGKey(0),
                                 jnp.zeros((1, 64, 64, 3)))
         assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"])) == count, variant
 
 
-def test_train_mode_forward_updates_running_statistics_like_pytorch(fx):
-    logits, updated = MODEL.apply(_variables(fx), jnp.asarray(fx["images"]), train=True, mutable=["batch_stats"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_mode_forward_updates_running_statistics_like_pytorch(layout):
+    fx, variant, model, norms = _layout(layout)
+    logits, updated = model.apply(_variables(fx, variant), jnp.asarray(fx["images"]), train=True,
+                                  mutable=["batch_stats"])
     assert _rel(logits, fx["tiny_train_logits"]) < 1e-5
-    want = weights.flatten(_running(fx, "after_train_forward"))
+    want = weights.flatten(_running(fx, "after_train_forward", variant))
     got = weights.flatten(updated["batch_stats"])
-    assert set(got) == set(want) and len(got) == 2 * 17  # mean and var of 17 BatchNorms
+    assert set(got) == set(want) and len(got) == 2 * norms  # mean and var of every BatchNorm
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -144,25 +211,27 @@ def test_keeping_every_square_is_the_main_branch(fx):
     np.testing.assert_array_equal(sub, main)
 
 
-def test_masksub_loss_gradients_and_statistics_equal_the_official_step(fx, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_masksub_loss_gradients_and_statistics_equal_the_official_step(layout, monkeypatch):
     """The official code's two backward passes, BatchNorm in training mode in both forwards."""
-    variables = _variables(fx)
+    fx, variant, model, _ = _layout(layout)
+    variables = _variables(fx, variant)
     monkeypatch.setattr(masksub, "keep_indices", lambda *args: jnp.asarray(fx["keep_idx"]))
     (total, aux), grads = jax.jit(lambda p, s: masksub.grads(
-        p, s, _train_forward(MODEL), jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]), jax.random.PRNGKey(0),
+        p, s, _train_forward(model), jnp.asarray(fx["images"]), jnp.asarray(fx["targets"]), jax.random.PRNGKey(0),
         loss=losses.LOSSES["bce_soft"], mode="masking", ratio=0.5, num_units=4))(
         variables["params"], {"batch_stats": variables["batch_stats"]})
     assert float(aux["loss_main"]) == pytest.approx(float(fx["loss_main"]), rel=1e-5)
     assert float(aux["loss_sub"]) == pytest.approx(float(fx["loss_sub"]), rel=1e-5)
     assert float(total) == pytest.approx(0.5 * float(fx["loss_main"]) + 0.5 * float(fx["loss_sub"]), rel=1e-5)
     theirs = {**{k: np.zeros_like(v) for k, v in _state_dict(fx, "tiny").items()}, **_state_dict(fx, "grads")}
-    want = weights.flatten(resnet.from_timm(theirs, variant="parity")["params"])
+    want = weights.flatten(resnet.from_timm(theirs, variant=variant)["params"])
     got = weights.flatten(grads)
     assert set(got) == set(want)
     for k in want:
         assert _rel(got[k], want[k]) < 1e-4, k
     # The running statistics moved twice: main branch, then sub-branch.
-    want_stats = weights.flatten(_running(fx, "after_step"))
+    want_stats = weights.flatten(_running(fx, "after_step", variant))
     for k, v in weights.flatten(aux["model_state"]["batch_stats"]).items():
         np.testing.assert_allclose(v, want_stats[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -370,7 +439,7 @@ def test_resnet50_config_runs_3_steps_on_synthetic_data_at_a_tiny_size(tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.variant": "34"}, r"model.variant='34' is invalid: Unknown ResNet variant"),
+    ({"model.variant": "26"}, r"model.variant='26' is invalid: Unknown ResNet variant"),
     ({"masksub.mode": "dropout"}, r"ResNet-parity implements the sub-branches \('masking', 'droppath'\)"),
     ({"masksub.block_size": 12}, r"masksub.block_size=12 is invalid: the zeroed squares must tile data.image_size=32"),
     ({"model.bn_group_size": 3}, r"model.bn_group_size=3 is invalid: .* divide the batch each forward sees \(8"),
@@ -387,7 +456,8 @@ def test_missing_and_misshapen_weights_are_named(fx):
     sd = _state_dict(fx, "tiny")
     with pytest.raises(weights.ConversionError, match=r"missing keys \['layer2.0.bn3.running_var'\]"):
         resnet.from_timm({k: v for k, v in sd.items() if k != "layer2.0.bn3.running_var"}, variant="parity")
-    with pytest.raises(weights.ConversionError, match=r"does not fit ResNet-mu: the weights are ResNet-parity"):
+    with pytest.raises(weights.ConversionError,
+                       match=r"does not fit ResNet-mu \(bottleneck blocks\): the weights are ResNet-parity"):
         resnet.from_timm(sd, variant="mu")
     assert weights.flatten(resnet.from_timm(sd, variant=None)).keys() == weights.flatten(_variables(fx)).keys()
 
@@ -409,3 +479,30 @@ def test_convert_cli_writes_parameters_and_running_statistics_and_init_from_fits
     assert any("head/kernel" in line for line in said)
     with pytest.raises(weights.ConversionError, match=r"holds no \['batch_stats'\]"):
         convert.adapt_variables({"params": loaded["params"]}, initial, family="resnet")
+
+
+def test_a_variant_of_the_other_block_layout_or_size_is_named(fx, fx_basic, tmp_path, capsys):
+    """--variant against the weights: the other block layout (conv3 present or absent) or another size
+    of the same layout, one line naming both and the fix."""
+    basic, bottleneck = _state_dict(fx_basic, "tiny"), _state_dict(fx, "tiny")
+    with pytest.raises(weights.ConversionError, match=r"does not fit ResNet-50 \(bottleneck blocks\): the weights "
+                       r"are ResNet-parity_basic \(basic blocks, blocks per stage \(2, 1, 1, 1\).*Leave out --variant"):
+        resnet.from_timm(basic, variant="50")
+    with pytest.raises(weights.ConversionError, match=r"ResNet-18 \(basic blocks\): the weights are ResNet-parity "
+                                                      r"\(bottleneck blocks"):
+        resnet.from_timm(bottleneck, variant="18")
+    with pytest.raises(weights.ConversionError, match=r"does not fit ResNet-34 \(basic blocks\): the weights are "
+                       r"ResNet-parity_basic \(basic blocks, blocks per stage \(2, 1, 1, 1\)"):
+        resnet.from_timm(basic, variant="34")
+    unknown = {k: v for k, v in basic.items() if not k.startswith("layer1.1.")}  # (1, 1, 1, 1): no variant of ours
+    with pytest.raises(weights.ConversionError, match=r"ResNet-50 \(bottleneck blocks\): the weights have basic "
+                                                      r"blocks, blocks per stage \(1, 1, 1, 1\)"):
+        resnet.from_timm(unknown, variant="50")
+    assert resnet.detect(basic)["variant"] == "parity_basic" and resnet.detect(bottleneck)["variant"] == "parity"
+    # As the user meets it: python -m masksub_jax.convert --variant=34 on resnet18-like weights.
+    np.savez(tmp_path / "basic.npz", **basic)
+    with pytest.raises(SystemExit) as exit_:
+        convert.main([f"--from={tmp_path / 'basic.npz'}", f"--to={tmp_path / 'init'}", "--variant=34"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and err[0].startswith("error: The checkpoint does not fit ResNet-34")
+    assert not (tmp_path / "init").exists()

@@ -1,13 +1,17 @@
-"""Writes tests/fixtures/resnet_parity.npz: what timm's ResNet, PyTorch's BatchNorm and the official
-MaskSub ResNet step compute, for CI without torch. Not part of the package and not run by CI. Needs
-torch and timm (1.0.x), in a venv of their own:
+"""Writes tests/fixtures/resnet_parity.npz (bottlenecks) and resnet_basic_parity.npz (basic blocks):
+what timm's ResNet, PyTorch's BatchNorm and the official MaskSub ResNet step compute, for CI without
+torch. Not part of the package and not run by CI. Needs torch and timm (1.0.x), in a venv of their own:
 
-  python tools/make_resnet_fixtures.py
+  python tools/make_resnet_fixtures.py                                 # both files
+  python tools/make_resnet_fixtures.py --fixture=resnet_basic_parity   # one of them
   python tools/make_resnet_fixtures.py --check_export=exported.npz --variant=50   # see below
 
-  - tiny: timm ResNet (bottlenecks, one per stage, widths (4, 8, 16, 32), 10 classes; timm's plain stem is 64 wide; the
-    shortcut of layer1 projects without stride, the others with stride 2), every parameter and running
-    statistic drawn anew; its weights, a batch of 32 px images and the eval-mode logits.
+Each file holds:
+  - tiny: timm ResNet (resnet_parity: bottlenecks, one per stage; resnet_basic_parity: basic blocks,
+    two in stage 1 (the second with an identity shortcut) and one in the others; stage widths
+    (4, 8, 16, 32), 10 classes; timm's plain stem is 64 wide; the shortcut of layer1.0 projects
+    without stride, the others with stride 2), every parameter and running statistic drawn anew;
+    its weights, a batch of 32 px images and the eval-mode logits.
   - One training-mode forward of tiny on that batch: its logits and the running statistics after it
     (PyTorch's BatchNorm: momentum 0.1, unbiased variance in the running estimate).
   - The official step (naver-ai/augsub resnet_rsb/train.py) restated with given kept squares: the
@@ -15,9 +19,10 @@ torch and timm (1.0.x), in a venv of their own:
     image with every 16 px square not kept set to 0 (2 of 4 kept), backward of 0.5 * BCE against the
     detached sigmoid of the main logits, gradients accumulated in .grad; both forwards in training
     mode, so the running statistics move twice. Its losses, gradients and the statistics after it.
-  - resnet50: timm's resnet50 at 64 px with weights drawn from NumPy's default_rng(0) in state-dict
-    order (tests/seeded.py, which the test draws again), so that only names, shapes and logits are
-    stored.
+  - resnet50 (resnet_parity) / resnet18 (resnet_basic_parity): timm's model at 64 px with weights
+    drawn from NumPy's default_rng(0) in state-dict order (tests/seeded.py, which the test draws
+    again), so that only names, shapes and logits are stored; resnet_basic_parity also holds
+    resnet34's names and shapes.
 
 --check_export loads a state dict written by `masksub_jax.models.resnet.to_timm` (np.savez) into
 timm's resnet of --variant with load_state_dict(strict=True) and prints the logits of one seeded image.
@@ -34,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from tests.seeded import seeded_batchnorm_weights  # noqa: E402  (NumPy only)
 
-OUT = os.path.join(REPO, "tests", "fixtures", "resnet_parity.npz")
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
 BATCH, SIZE, BLOCK, KEEP = 4, 32, 16, 2
 
 
@@ -114,17 +119,34 @@ def state_dict_arrays(model, prefix: str, running_only: bool = False) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--check_export")
-    parser.add_argument("--variant", default="50", choices=["50", "101", "152"])
+    parser.add_argument("--variant", default="50", choices=["18", "34", "50", "101", "152"])
+    parser.add_argument("--fixture", choices=["resnet_parity", "resnet_basic_parity"],
+                        help="write only this file (default: both)")
+    parser.add_argument("--out_dir", default=FIXTURES, help="where to write (default tests/fixtures)")
     args = parser.parse_args()
     if args.check_export:
         check_export(args.check_export, args.variant)
         return
 
     timm = import_timm()
-    from timm.models.resnet import Bottleneck, ResNet
+    from timm.models.resnet import BasicBlock, Bottleneck
+    # file -> (tiny model's block and blocks per stage, seeded timm model at 64 px, timm models whose
+    # names and shapes are stored besides)
+    fixtures = {"resnet_parity": (Bottleneck, (1, 1, 1, 1), "resnet50", ()),
+                "resnet_basic_parity": (BasicBlock, (2, 1, 1, 1), "resnet18", ("resnet34",))}
+    for name, (block, layers, seeded_name, other_names) in fixtures.items():
+        if args.fixture in (None, name):
+            out = {**tiny_arrays(block, layers), **seeded_arrays(timm, seeded_name)}
+            for other in other_names:
+                out.update(names_and_shapes(timm.create_model(other, pretrained=False), other))
+            write(os.path.join(args.out_dir, f"{name}.npz"), out, timm)
+
+
+def tiny_arrays(block, layers) -> dict:
+    """The tiny model's weights, batch, eval and train-mode forwards and the official MaskSub step."""
+    from timm.models.resnet import ResNet
     generator = torch.Generator().manual_seed(0)
-    tiny = randomised(ResNet(Bottleneck, (1, 1, 1, 1), channels=(4, 8, 16, 32), num_classes=10),
-                      generator)
+    tiny = randomised(ResNet(block, layers, channels=(4, 8, 16, 32), num_classes=10), generator)
     images = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
     keep_idx = torch.argsort(torch.rand(BATCH, (SIZE // BLOCK) ** 2, generator=generator), dim=1)[:, :KEEP]
     labels, partners = torch.arange(BATCH) % 10, (torch.arange(BATCH) + 3) % 10
@@ -144,19 +166,30 @@ def main():
     out["loss_main"], out["loss_sub"] = np.float32(loss_main), np.float32(loss_sub)
     out.update({f"grads/{k}": v.numpy() for k, v in grads.items()})
     out.update(state_dict_arrays(tiny, "after_step", running_only=True))
+    return out
 
-    resnet50 = timm.create_model("resnet50", pretrained=False).eval()
-    shapes = {k: tuple(v.shape) for k, v in resnet50.state_dict().items()}
-    seeded = seeded_batchnorm_weights(shapes)
-    resnet50.load_state_dict({k: torch.from_numpy(v) for k, v in seeded.items()}, strict=True)
+
+def names_and_shapes(model, name: str) -> dict:
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {f"{name}_names": np.array(list(shapes)),
+            f"{name}_shapes": np.array([",".join(map(str, s)) for s in shapes.values()])}
+
+
+def seeded_arrays(timm, name: str) -> dict:
+    """timm's `name` with tests/seeded.py's weights: its logits on a seeded 64 px image, names, shapes."""
+    model = timm.create_model(name, pretrained=False).eval()
+    out = names_and_shapes(model, name)
+    seeded = seeded_batchnorm_weights({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in seeded.items()}, strict=True)
     with torch.no_grad():
-        out["resnet50_logits"] = resnet50(seeded_image(64)).numpy()
-    out["resnet50_names"] = np.array(list(shapes))
-    out["resnet50_shapes"] = np.array([",".join(map(str, s)) for s in shapes.values()])
+        out[f"{name}_logits"] = model(seeded_image(64)).numpy()
+    return out
 
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    np.savez_compressed(OUT, **out)
-    print(f"wrote {OUT}: {os.path.getsize(OUT) / 1e3:.0f} kB, {len(out)} arrays (torch {torch.__version__}, "
+
+def write(path: str, out: dict, timm) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez_compressed(path, **out)
+    print(f"wrote {path}: {os.path.getsize(path) / 1e3:.0f} kB, {len(out)} arrays (torch {torch.__version__}, "
           f"timm {timm.__version__})")
 
 

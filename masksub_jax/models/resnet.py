@@ -1,11 +1,13 @@
 """ResNet (He et al., 2016) in Flax Linen as timm builds it for "ResNet strikes back", with BatchNorm
 and MaskSub's zeroed-patch sub-branch.
 
-Matches timm's `resnet50` / `resnet101` / `resnet152` (e.g. the `resnet50.a2_in1k` weights): a 7x7
-stride-2 stem conv, BatchNorm, ReLU and a 3x3 stride-2 max-pool; four stages of bottleneck blocks (1x1,
-3x3 carrying the stage's stride, 1x1 to 4x the width; a 1x1 conv + BatchNorm shortcut where the shape
-changes), the last BatchNorm of each block starting at gamma 0 (timm's zero_init_last); drop-path
-rising linearly over the blocks; global average pool; the classifier (`head` here, `fc` in timm).
+Matches timm's `resnet50` / `resnet101` / `resnet152` (e.g. the `resnet50.a2_in1k` weights) and
+`resnet18` / `resnet34` (timm's models/resnet.py): a 7x7 stride-2 stem conv, BatchNorm, ReLU and a 3x3
+stride-2 max-pool; four stages of residual blocks, either bottlenecks (50 and up: 1x1, 3x3 carrying the
+stage's stride, 1x1 to 4x the width) or basic blocks (18, 34: 3x3 carrying the stride, 3x3, at the
+stage's width); a 1x1 conv + BatchNorm shortcut where the shape changes; the last BatchNorm of each
+block starting at gamma 0 (timm's zero_init_last); drop-path rising linearly over the blocks; global
+average pool; the classifier (`head` here, `fc` in timm).
 
 BatchNorm is PyTorch's: eps 1e-5, momentum 0.1, the running variance updated with the unbiased batch
 variance; training normalises with the batch's statistics, evaluation with the running ones. Which
@@ -31,14 +33,17 @@ import numpy as np
 from masksub_jax.models.layers import Dropout, DropPath, conv_init, keep_blocks
 from masksub_jax.models.weights import ConversionError, flatten, linear_to_ours, linear_to_timm, listed, nest
 
-# name -> (blocks per stage, stem width, stage widths); a block's output is 4x its stage's width.
+# name -> (blocks per stage, stem width, stage widths, block): a bottleneck's output is 4x its stage's
+# width, a basic block's 1x (BLOCKS). timm: resnet18/34 (BasicBlock), resnet50/101/152 (Bottleneck).
 VARIANTS = {
-    "mu": ((1, 1, 1, 1), 8, (8, 16, 32, 64)),  # digits-sized; not a published model
-    "50": ((3, 4, 6, 3), 64, (64, 128, 256, 512)),
-    "101": ((3, 4, 23, 3), 64, (64, 128, 256, 512)),
-    "152": ((3, 8, 36, 3), 64, (64, 128, 256, 512)),
+    "mu": ((1, 1, 1, 1), 8, (8, 16, 32, 64), "bottleneck"),  # digits-sized; not a published model
+    "18": ((2, 2, 2, 2), 64, (64, 128, 256, 512), "basic"),
+    "34": ((3, 4, 6, 3), 64, (64, 128, 256, 512), "basic"),
+    "50": ((3, 4, 6, 3), 64, (64, 128, 256, 512), "bottleneck"),
+    "101": ((3, 4, 23, 3), 64, (64, 128, 256, 512), "bottleneck"),
+    "152": ((3, 8, 36, 3), 64, (64, 128, 256, 512), "bottleneck"),
 }
-EXPANSION = 4
+EXPANSION = {"bottleneck": 4, "basic": 1}  # a block's output width / its stage's width
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch's: running = (1 - momentum) * running + momentum * batch
 
@@ -106,12 +111,40 @@ class Bottleneck(nn.Module):
         y = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x), train))
         y = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name="conv2")(y)
         y = nn.relu(norm(name="bn2")(y, train))
-        y = norm(zero_init=True, name="bn3")(conv(self.width * EXPANSION, (1, 1), name="conv3")(y), train)
+        y = norm(zero_init=True, name="bn3")(conv(self.width * EXPANSION["bottleneck"], (1, 1), name="conv3")(y), train)
         y = DropPath(self.drop_path)(y, not train, example_ids)
         if self.project:
-            x = conv(self.width * EXPANSION, (1, 1), strides=self.stride, name="downsample_0")(x)
+            x = conv(self.width * EXPANSION["bottleneck"], (1, 1), strides=self.stride, name="downsample_0")(x)
             x = norm(name="downsample_1")(x, train)
         return nn.relu(y + x)
+
+
+class BasicBlock(nn.Module):
+    """relu(x' + drop_path(bn2(conv2(relu(bn1(conv1(x))))))), both convs 3x3, conv1 carrying the stride,
+    x' = x or its projection (timm's BasicBlock, ResNet-18/34)."""
+    width: int
+    stride: int
+    project: bool  # a 1x1 conv + BatchNorm shortcut (timm's `downsample`)
+    drop_path: float
+    bn_group_size: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool, example_ids):
+        conv = functools.partial(nn.Conv, self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                                 kernel_init=he_fan_out, dtype=self.dtype)
+        norm = functools.partial(BatchNorm, self.bn_group_size, dtype=self.dtype)
+        y = nn.relu(norm(name="bn1")(conv(strides=self.stride, name="conv1")(x), train))
+        y = norm(zero_init=True, name="bn2")(conv(name="conv2")(y), train)
+        y = DropPath(self.drop_path)(y, not train, example_ids)
+        if self.project:
+            x = nn.Conv(self.width, (1, 1), strides=self.stride, use_bias=False, kernel_init=he_fan_out,
+                        dtype=self.dtype, name="downsample_0")(x)
+            x = norm(name="downsample_1")(x, train)
+        return nn.relu(y + x)
+
+
+BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock}
 
 
 class ResNet(nn.Module):
@@ -134,7 +167,7 @@ class ResNet(nn.Module):
                  dropout_rate: float | None = None, drop_path_rate: float | None = None, first_example=0):
         if dropout_rate is not None:
             raise ValueError("ResNet has no dropout sub-branch; use masksub.mode=masking or droppath.")
-        depths, stem_width, widths = parse_variant(self.variant)
+        depths, stem_width, widths, kind = parse_variant(self.variant)
         if keep_idx is not None:
             images = keep_blocks(images, keep_idx, self.block_size, fill=0.0)
         example_ids = first_example + jnp.arange(images.shape[0])
@@ -143,25 +176,27 @@ class ResNet(nn.Module):
         x = nn.relu(BatchNorm(self.bn_group_size, dtype=self.dtype, name="bn1")(x, train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-        block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
+        block = nn.remat(BLOCKS[kind], static_argnums=(2,)) if self.remat else BLOCKS[kind]
+        expansion = EXPANSION[kind]
         rates = (np.full(sum(depths), drop_path_rate) if drop_path_rate is not None
                  else np.linspace(0.0, self.drop_path, sum(depths)))
         index, channels = 0, stem_width
         for i, (depth, width) in enumerate(zip(depths, widths)):
             for j in range(depth):
                 stride = 2 if i > 0 and j == 0 else 1
-                project = j == 0 and (stride != 1 or channels != width * EXPANSION)
+                project = j == 0 and (stride != 1 or channels != width * expansion)
                 x = block(width, stride, project, float(rates[index]), self.bn_group_size, self.dtype,
                           name=f"layer{i + 1}_{j}")(x, train, example_ids)
-                index, channels = index + 1, width * EXPANSION
+                index, channels = index + 1, width * expansion
         x = Dropout(self.dropout)(x.mean(axis=(1, 2)), not train, example_ids)
         logits = nn.Dense(self.num_classes, kernel_init=conv_init, bias_init=linear_bias_init(channels),
                           dtype=self.dtype, name="head")(x)
         return logits.astype(jnp.float32)
 
 
-def parse_variant(variant: str) -> tuple[tuple, int, tuple]:
-    """'50' -> (blocks per stage, stem width, stage widths). Raises ValueError naming the known variants."""
+def parse_variant(variant: str) -> tuple[tuple, int, tuple, str]:
+    """'50' -> (blocks per stage, stem width, stage widths, block: "bottleneck" or "basic"). Raises
+    ValueError naming the known variants."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown ResNet variant {variant!r}: use one of {sorted(VARIANTS)}.")
     return VARIANTS[variant]
@@ -209,7 +244,8 @@ def forward_flops(config, num_classes: int, kept_units: int | None = None) -> fl
     """Conv and classifier FLOPs of one image's forward pass. Zeroed squares are still convolved:
     `kept_units` costs nothing less."""
     del kept_units
-    depths, stem_width, widths = parse_variant(config.model.variant)
+    depths, stem_width, widths, kind = parse_variant(config.model.variant)
+    expansion = EXPANSION[kind]
 
     def conv(size, k, stride, cin, cout):  # -> (FLOPs, output size), PyTorch's padding k // 2
         out = (size + 2 * (k // 2) - k) // stride + 1
@@ -220,12 +256,17 @@ def forward_flops(config, num_classes: int, kept_units: int | None = None) -> fl
     for i, (depth, width) in enumerate(zip(depths, widths)):
         for j in range(depth):
             stride = 2 if i > 0 and j == 0 else 1
-            f1, _ = conv(size, 1, 1, channels, width)
-            f2, out = conv(size, 3, stride, width, width)
-            f3, _ = conv(out, 1, 1, width, width * EXPANSION)
-            if j == 0 and (stride != 1 or channels != width * EXPANSION):
-                f3 += conv(size, 1, stride, channels, width * EXPANSION)[0]
-            flops, size, channels = flops + f1 + f2 + f3, out, width * EXPANSION
+            if kind == "basic":  # 3x3 with the stride, 3x3
+                f1, out = conv(size, 3, stride, channels, width)
+                f2, _ = conv(out, 3, 1, width, width)
+                f3 = 0
+            else:  # 1x1, 3x3 with the stride, 1x1
+                f1, _ = conv(size, 1, 1, channels, width)
+                f2, out = conv(size, 3, stride, width, width)
+                f3, _ = conv(out, 1, 1, width, width * expansion)
+            if j == 0 and (stride != 1 or channels != width * expansion):
+                f3 += conv(size, 1, stride, channels, width * expansion)[0]
+            flops, size, channels = flops + f1 + f2 + f3, out, width * expansion
     return flops + 2 * channels * num_classes
 
 
@@ -241,7 +282,8 @@ def _timm_module(ours: str) -> str:
 
 def _expected_shapes(variant: str, channels: int, num_classes: int) -> dict[str, tuple]:
     """Flat "collection/module/leaf" -> shape of every array of the model."""
-    depths, stem_width, widths = parse_variant(variant)
+    depths, stem_width, widths, kind = parse_variant(variant)
+    expansion = EXPANSION[kind]
     shapes = {"params/conv1/kernel": (7, 7, channels, stem_width)}
 
     def batch_norm(name, width):
@@ -252,15 +294,16 @@ def _expected_shapes(variant: str, channels: int, num_classes: int) -> dict[str,
     for i, (depth, width) in enumerate(zip(depths, widths)):
         for j in range(depth):
             name = f"layer{i + 1}_{j}"
-            for conv, (k, cin, cout) in {"conv1": (1, inputs, width), "conv2": (3, width, width),
-                                         "conv3": (1, width, width * EXPANSION)}.items():
+            convs = ({"conv1": (3, inputs, width), "conv2": (3, width, width)} if kind == "basic" else
+                     {"conv1": (1, inputs, width), "conv2": (3, width, width), "conv3": (1, width, width * expansion)})
+            for conv, (k, cin, cout) in convs.items():
                 shapes[f"params/{name}/{conv}/kernel"] = (k, k, cin, cout)
-            for bn, w in (("bn1", width), ("bn2", width), ("bn3", width * EXPANSION)):
-                batch_norm(f"{name}/{bn}", w)
-            if j == 0 and (i > 0 or inputs != width * EXPANSION):
-                shapes[f"params/{name}/downsample_0/kernel"] = (1, 1, inputs, width * EXPANSION)
-                batch_norm(f"{name}/downsample_1", width * EXPANSION)
-            inputs = width * EXPANSION
+            for n, (_, _, cout) in enumerate(convs.values(), 1):  # bnN follows convN
+                batch_norm(f"{name}/bn{n}", cout)
+            if j == 0 and (i > 0 or inputs != width * expansion):
+                shapes[f"params/{name}/downsample_0/kernel"] = (1, 1, inputs, width * expansion)
+                batch_norm(f"{name}/downsample_1", width * expansion)
+            inputs = width * expansion
     if num_classes:
         shapes.update({"params/head/kernel": (inputs, num_classes), "params/head/bias": (num_classes,)})
     return shapes
@@ -280,19 +323,27 @@ def _canonical(state_dict) -> dict:
             if not k.endswith("num_batches_tracked")}
 
 
+def _block_kind(sd: dict) -> str:
+    """"bottleneck" where the blocks have a conv3 (timm's Bottleneck), else "basic" (BasicBlock: conv1, conv2)."""
+    return "bottleneck" if any(k.startswith("layer") and ".conv3." in k for k in sd) else "basic"
+
+
 def _shape_variant(sd: dict) -> tuple[str | None, str]:
-    """(our variant with the weights' blocks per stage, stem and stage widths, or None; what the shapes say)."""
+    """(our variant with the weights' block, blocks per stage, stem and stage widths, or None; what the
+    shapes say)."""
+    kind = _block_kind(sd)
     depths = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     stem = sd["conv1.weight"].shape[0] if "conv1.weight" in sd else 0
     widths = tuple(sd[f"layer{i}.0.conv1.weight"].shape[0] if f"layer{i}.0.conv1.weight" in sd else 0
                    for i in range(1, 5))
-    names = [name for name, shape in VARIANTS.items() if shape == (depths, stem, widths)]
-    return (names[0] if names else None), f"blocks per stage {depths}, stem width {stem}, stage widths {widths}"
+    names = [name for name, shape in VARIANTS.items() if shape == (depths, stem, widths, kind)]
+    return (names[0] if names else None), (f"{kind} blocks, blocks per stage {depths}, stem width {stem}, "
+                                           f"stage widths {widths}")
 
 
 def resolve_variant(variant: str | None, sd: dict) -> str:
-    """The given variant, else the weights'. A variant of other shapes than the weights' is an error
-    naming both."""
+    """The given variant, else the weights'. A variant of another block layout or other shapes than the
+    weights' is an error naming both."""
     found, shapes = _shape_variant(sd)
     if variant is None:
         if found is None:
@@ -300,12 +351,13 @@ def resolve_variant(variant: str | None, sd: dict) -> str:
                                   "add the size to models/resnet.py VARIANTS.")
         return found
     try:
-        parse_variant(variant)
+        kind = parse_variant(variant)[3]
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    if found is not None and found != variant and VARIANTS[found] != VARIANTS[variant]:
-        raise ConversionError(f"The checkpoint does not fit ResNet-{variant}: the weights are ResNet-{found} "
-                              f"({shapes}). Leave out --variant to read it from the weights.")
+    if kind != _block_kind(sd) or (found is not None and found != variant and VARIANTS[found] != VARIANTS[variant]):
+        weights_are = f"the weights are ResNet-{found} ({shapes})" if found else f"the weights have {shapes}"
+        raise ConversionError(f"The checkpoint does not fit ResNet-{variant} ({kind} blocks): {weights_are}. Leave "
+                              "out --variant to read it from the weights.")
     return variant
 
 
@@ -322,7 +374,7 @@ def detect(state_dict) -> dict | None:
 
 def from_timm(state_dict, *, variant: str | None = None, image_size: int | None = None,
               num_classes: int | None = None) -> dict:
-    """A timm ResNet state dict (e.g. resnet50.a2_in1k, or the official augsub checkpoints) as our
+    """A timm ResNet state dict (e.g. resnet50.a2_in1k, resnet18.a1_in1k, or the official augsub checkpoints) as our
     variables {"params": ..., "batch_stats": ...}; `variant` defaults to the weights' (detect). The head
     is left out when its class count differs from `num_classes`. Raises ConversionError naming
     missing, unexpected and misshapen keys."""
@@ -354,15 +406,17 @@ def to_timm(variables) -> dict[str, np.ndarray]:
     return out
 
 
-def timm_model(state_dict: dict, variant: str, image_size: int | None = None) -> tuple[str, dict] | None:
+def timm_model(state_dict: dict, variant: str, image_size: int | None = None,
+               config: dict | None = None) -> tuple[str, dict] | None:
     """The `timm.create_model` name and keyword arguments (besides num_classes) of the model that
-    `state_dict` (to_timm's) loads into: resnet50/101/152, or resnet50 with our variant's blocks and
-    widths. None where timm has no such model: its 7x7 stem is always 64 channels wide."""
-    del image_size  # a ResNet takes any
-    depths, stem_width, widths = parse_variant(variant)
+    `state_dict` (to_timm's) loads into: resnet18/34/50/101/152, or resnet18 (basic blocks) or resnet50
+    (bottlenecks) with our variant's blocks per stage and widths. None where timm has no such model:
+    its 7x7 stem is always 64 channels wide."""
+    del image_size, config  # a ResNet takes any image size; the variant says all timm needs
+    depths, stem_width, widths, kind = parse_variant(variant)
     if stem_width != 64:
         return None
-    name = variant if variant in ("101", "152") else "50"
+    name = variant if variant in ("34", "101", "152") else "18" if kind == "basic" else "50"
     kwargs = {}
     if (depths, widths) != (VARIANTS[name][0], VARIANTS[name][2]):
         kwargs.update(layers=depths, channels=widths)
