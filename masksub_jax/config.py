@@ -19,7 +19,8 @@ AUGMENT_RECIPES = ("3augment", "crop_flip")
 DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
 # Keys whose default is None.
-OPTIONAL = {"data.data_dir": str, "data.folder": str, "total_steps": int, "init_from": str}
+OPTIONAL = {"data.data_dir": str, "data.folder": str, "total_steps": int, "init_from": str,
+            "compilation_cache_dir": str}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -131,6 +132,16 @@ def base() -> ml_collections.ConfigDict:
     # A NaN or Inf loss or gradient: "stop" the run naming the step, or "skip" that step's update.
     # Either way the update is not applied and no checkpoint with NaNs is written.
     c.on_nonfinite = "stop"
+
+    # Compiled steps kept for the next start (xla_cache.py): None = $JAX_COMPILATION_CACHE_DIR or
+    # ~/.cache/masksub_jax/xla; "workdir" = WORKDIR/xla_cache (shared by a pod's hosts); a path; "" = off.
+    c.compilation_cache_dir = config_dict.placeholder(str)
+    # A jax.profiler trace of the steps in [first, last) under WORKDIR/profile (TensorBoard's profile
+    # plugin, Perfetto, XProf), e.g. (10, 15); () = none. Process 0's, or every process's.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ()
+    c.profile.all_processes = False
+    c.profile.dump_hlo = False  # the train step's optimised HLO as WORKDIR/profile/train_step.hlo.txt
 
     c.log_every_steps = 100
     c.eval_every_steps = 6250  # 0 = only at the end
@@ -435,6 +446,9 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     _require(c.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", c.on_nonfinite, f"use one of {NONFINITE_POLICIES}")
     _require(c.total_epochs > 0 and math.isfinite(c.total_epochs), "total_epochs", c.total_epochs, "must be > 0")
     _require(c.total_steps is None or c.total_steps >= 1, "total_steps", c.total_steps, "must be >= 1 or None")
+    steps = tuple(c.profile.steps)
+    _require(steps == () or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 0 <= steps[0] < steps[1]),
+             "profile.steps", c.profile.steps, "give (first, last) with 0 <= first < last, e.g. (10, 15); () = none")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(c[key] >= 1, key, c[key], "must be >= 1")
     _require(c.eval_every_steps >= 0, "eval_every_steps", c.eval_every_steps, "must be >= 0 (0 = at the end)")

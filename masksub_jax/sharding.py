@@ -31,6 +31,25 @@ def describe_devices() -> str:
             f"({devices[0].device_kind}) in {jax.process_count()} process(es).")
 
 
+def topology(mesh: Mesh) -> dict:
+    """What a session trains on, as goodput's session records keep it."""
+    return {"devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.default_backend(),
+            "mesh": {name: int(size) for name, size in mesh.shape.items()}}
+
+
+def describe_topology_change(now: dict, before: dict) -> str | None:
+    """One line when a resumed run trains on other devices than its last session did, else None.
+    The batches and the data order are the same on any: only the float reductions' order differs."""
+    def said(t):
+        mesh = " x ".join(f"{name} {size}" for name, size in t["mesh"].items())
+        return f"{t['devices']} {t['platform']} device(s) in {t['processes']} process(es), mesh {mesh}"
+    keys = ("devices", "processes", "platform", "mesh")
+    if all(now.get(k) == before.get(k) for k in keys) or "devices" not in before:
+        return None
+    return (f"Resumed on {said(now)}; the run last trained on {said(before)}. The batches and the data order "
+            "are the same; only the order of float reductions differs.")
+
+
 def unused_accelerator(backend: str, accelerator_files=ACCELERATOR_FILES) -> str | None:
     """A warning when this machine has a GPU or TPU but JAX runs on the CPU (unless JAX_PLATFORMS=cpu
     asks for that): the jax installed has no support for it."""

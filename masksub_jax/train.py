@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from masksub_jax import checkpoint, convert, metrics, models, preemption, sharding
+from masksub_jax import checkpoint, convert, goodput, metrics, models, preemption, profiling, sharding, xla_cache
 from masksub_jax import config as config_lib
 from masksub_jax import evaluate as evaluate_lib
 from masksub_jax import step as step_lib
@@ -36,6 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say = functools.partial(_say, is_chief)
     flat = dict(config_lib.flatten(config))
     workdir_lib.check_writable(workdir, jax.process_index())
+    xla_cache.use(config.compilation_cache_dir, workdir)  # before anything compiles
     with checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints) as checkpoints:
         # The run this workdir holds, read by every process before any of them writes to it.
         run_config = workdir_lib.started_config(workdir) if checkpoints.steps() else None
@@ -56,6 +57,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     mesh = sharding.make_mesh(config.mesh.fsdp)
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+    clock = goodput.Clock(workdir, is_chief, start_time, sharding.topology(mesh))
 
     # ----------------------------------------------------------------------------------------------
     # Data: the train and eval splits, and the extra eval sets (each missing one named now). Process
@@ -92,7 +94,8 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     # Checkpoint restore, else a fresh state.
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_sharding)
-    state = checkpoints.restore_latest(abstract_sharded, say=say)
+    with clock.timing("restore"):
+        state = checkpoints.restore_latest(abstract_sharded, say=say)
     fresh = state is None
     if fresh:
         state = jax.jit(init, out_shardings=state_sharding)(rng)
@@ -116,6 +119,9 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
             return summary
         say(f"Resuming from the checkpoint of step {start_step} in {workdir}."
             + (f" Changed since the run started: {workdir_lib.describe(changes)}." if changes else ""))
+        if moved := sharding.describe_topology_change(clock.record, clock.previous() or {}):
+            say(moved)
+    clock.begin(start_step, fresh=fresh)
 
     # ----------------------------------------------------------------------------------------------
     # The steps.
@@ -138,6 +144,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
 
     # ----------------------------------------------------------------------------------------------
     # The loop.
+    profiler = profiling.Profiler(workdir, config.profile, is_chief)
     writer = metrics.make_writer(workdir, is_chief, start_step)
     writer.write_hparams(flat)  # kept once per run (metrics.py)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
@@ -154,15 +161,20 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
         while step < total_steps:
             waiting_since = time.perf_counter()
             batch = next(batches)
-            progress.waited(time.perf_counter() - waiting_since)
+            progress.waited(waited := time.perf_counter() - waiting_since)
+            clock.add("input_wait", waited)
             step_rng = jax.random.fold_in(state["rng"], step)
+            profiler.before(step)
             state, step_metrics = train_step(state, batch, step_rng)
             if step == start_step:
                 jax.block_until_ready(step_metrics)
                 first_inputs = input_preview(batch, step_rng)  # compiled here too: before the clock restarts
-                say(f"compiled and ran the first step in {progress.restart(step + 1):.1f} s")
+                clock.add("compile", compiled := progress.restart(step + 1))
+                say(f"compiled and ran the first step in {compiled:.1f} s")
                 record_start()
+                profiler.dump_hlo(train_step, abstract_sharded, batch, step_rng)
             step += 1
+            profiler.after(step, step_metrics)
             pending.append((step, step_metrics))
             preempted = watch.reached(step)
             save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
@@ -186,32 +198,41 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                     first_inputs = None
                 writer.flush()
                 say(progress.line(step, scalars, steps_per_s))
+                clock.save(step)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-                result = evaluate(state)
+                with clock.timing("eval"):
+                    result = evaluate(state)
                 writer.write_scalars(step, _eval_scalars(result))
                 writer.flush()
                 say(f"eval at step {step}: {evaluate_lib.describe(result)}")
                 progress.restart(step)  # the evaluation's time is not the steps'
             if save_now:
-                checkpoints.save(state, force=preempted)
+                with clock.timing("save"):
+                    checkpoints.save(state, force=preempted)
             if preempted and step < total_steps:
-                checkpoints.wait()
+                with clock.timing("save"):
+                    checkpoints.wait()
                 writer.flush()
+                clock.save(step)
                 raise preemption.Preempted(step, workdir)
-        checkpoints.wait()  # the last checkpoint is on disk before a SIGTERM may end the process
+        with clock.timing("save"):
+            checkpoints.wait()  # the last checkpoint is on disk before a SIGTERM may end the process
 
     # ----------------------------------------------------------------------------------------------
-    # Final evaluation.
-    result = evaluate(state)
+    # Final evaluation, and where the run's time went.
+    with clock.timing("eval"):
+        result = evaluate(state)
     writer.write_scalars(step, _eval_scalars(result))
     writer.flush()
-    summary = {"step": step, **result, "wall_s": time.time() - start_time}
+    clock.save(step)
+    time_spent = clock.summary()
+    summary = {"step": step, **result, "wall_s": time.time() - start_time, "time": time_spent}
     summary_path = workdir_lib.path(workdir) / "summary.json"
     if is_chief:
         workdir_lib.write_summary(workdir, summary)
     say(f"Finished at step {step}: {evaluate_lib.describe(result)} "
-        f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session. "
-        f"Summary: {summary_path}")
+        f"on {result['eval_examples']} eval examples, {summary['wall_s']:.0f} s this session; "
+        f"{goodput.describe(time_spent)}. Summary: {summary_path}")
     return summary
 
 

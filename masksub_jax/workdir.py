@@ -25,7 +25,8 @@ RUN_DEFINING = ("seed", "model.family", "model.variant", "data.source", "data.na
 # Keys that change how a run is carried out or reported, not the weights it ends with.
 NO_EFFECT_ON_WEIGHTS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                         "eval_batch_size", "data.data_dir", "data.extra_evals", "data.on_corrupt_image",
-                        "on_nonfinite", "init_from", "model.remat", "masksub.memory_lean", "accum_steps", "mesh.fsdp")
+                        "on_nonfinite", "init_from", "model.remat", "masksub.memory_lean", "accum_steps", "mesh.fsdp",
+                        "compilation_cache_dir", "profile.steps", "profile.all_processes", "profile.dump_hlo")
 
 
 class WorkdirError(ValueError):
@@ -116,7 +117,7 @@ def check_finished_run(workdir: str, changes: dict[str, tuple], say) -> None:
 def record_start(workdir: str, flat: dict) -> None:
     """A fresh run has really started: its config.json, with no records left of an earlier start."""
     write_text(path(workdir) / "config.json", json.dumps(as_record(flat), indent=1))
-    for stale in ("resumes.jsonl", "summary.json"):
+    for stale in ("resumes.jsonl", "summary.json", "sessions.jsonl"):
         (path(workdir) / stale).unlink(missing_ok=True)
 
 

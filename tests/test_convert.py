@@ -200,8 +200,8 @@ def _swin_without_tables(tmp_path):
     (_existing_target, "error: --to=.* exists; pick a new directory for the converted weights."),
     (_pytorch_file, "error: .*w.pth is a PyTorch file and torch is not installed; install torch, or convert"),
     (_swin_without_tables, r"error: The checkpoint does not fit Swin-T/4: missing keys \['layers.0.blocks.0"),
-    (_weights_of_no_family, r"error: The weights are of none of the families \('vit', 'swin', 'resnet'.*\): their "
-                            r"keys are \['encoder.layer.0.attention.weight', 'pooler.dense.bias'\]. For a family of your"),
+    (_weights_of_no_family, r"error: The weights are of none of the families \('vit', 'swin', 'resnet'.*\): "
+                            r"their keys are \['encoder.layer.0.attention.weight', 'pooler.dense.bias'\]. For a"),
     (lambda tmp_path: ["--to_timm", f"--from={tmp_path}", f"--to={tmp_path / 'x.safetensors'}", "--variant=B/16"],
      "error: --variant do not go with --to_timm"),
     (lambda tmp_path: ["--to_timm", f"--from={tmp_path}", f"--to={tmp_path / 'x.pt'}"],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from masksub_jax import checkpoint, preemption, sharding, train
+from masksub_jax import checkpoint, goodput, preemption, sharding, train
 from masksub_jax import step as step_lib
 from tests.conftest import REPO, digits_file_config, digits_main_command, flip_one_bit_in_an_array, tiny_digits_config
 
@@ -105,23 +105,48 @@ def _start_two_processes(workdir, digits_dir, overrides):
             for i in range(2)]
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(digits_dir, tmp_path):
-    """jax.distributed over 127.0.0.1 with gloo CPU collectives; one checkpoint, restorable by one process."""
-    overrides = {**OVERRIDES, "total_steps": 10, "checkpoint_every_steps": 10}
+def test_a_run_resumed_on_another_topology_continues_the_same_run(digits_dir, tmp_path):
+    """Uninterrupted: one process of 4 devices, steps 0-10. Interrupted: 8 devices in this process
+    with mesh.fsdp=2 to step 4, then resumed by two processes of two devices each (jax.distributed over
+    127.0.0.1, gloo) with fsdp 1 to step 10: the same losses and weights within float reduction order
+    (a constant lr, so that the first session's shorter schedule is the same schedule)."""
+    overrides = {**OVERRIDES, "total_steps": 10, "checkpoint_every_steps": 10, "optim.min_lr": 2e-3}
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     single = str(tmp_path / "single")
     done = subprocess.run(digits_main_command(single, digits_dir, overrides), cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-    multi = str(tmp_path / "multi")
-    procs = _start_two_processes(multi, digits_dir, overrides)
+    moved = str(tmp_path / "moved")
+    train.run(digits_file_config(digits_dir, {**overrides, "total_steps": 4, "mesh.fsdp": 2}), moved)
+    procs = _start_two_processes(moved, digits_dir, overrides)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "on 4 device(s)" in outputs[0] and "Training" not in outputs[1]  # only process 0 reports
-    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-4)
-    for a, b in zip(jax.tree.leaves(checkpoint.load_params(multi)), jax.tree.leaves(checkpoint.load_params(single))):
+    assert ("Resumed on 4 cpu device(s) in 2 process(es), mesh data 4 x fsdp 1; the run last trained on 8 cpu "
+            "device(s) in 1 process(es), mesh data 4 x fsdp 2.") in outputs[0], outputs[0][-2000:]
+    assert "Training" in outputs[0] and "Training" not in outputs[1]  # only process 0 reports
+    assert _losses(single).shape == _losses(moved).shape == (10, 2)
+    np.testing.assert_allclose(_losses(moved), _losses(single), rtol=2e-4)
+    for a, b in zip(jax.tree.leaves(checkpoint.load_params(moved)), jax.tree.leaves(checkpoint.load_params(single))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with open(os.path.join(moved, "sessions.jsonl"), encoding="utf-8") as f:
+        sessions = [json.loads(line) for line in f]
+    assert [(s["start_step"], s["step"], s["devices"], s["processes"]) for s in sessions] == [
+        (0, 4, 8, 1), (4, 10, 4, 2)]
+
+
+def test_batches_are_the_same_whatever_the_devices_and_processes(digits_dir):
+    """The batch of a step is a function of the config and the step: on 8 devices in one process, or
+    split between two processes (each its half), bit for bit."""
+    from masksub_jax.data import pipeline
+    config = digits_file_config(digits_dir, {"batch_size": 16})
+    whole = pipeline.make(config, batch_multiple=8).train_batches(start_step=5)
+    halves = [pipeline.make(config, process_index=i, process_count=2, batch_multiple=4).train_batches(start_step=5)
+              for i in range(2)]
+    for _ in range(3):
+        batch, parts = next(whole), [next(h) for h in halves]
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key], err_msg=key)
 
 
 def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
@@ -161,6 +186,10 @@ def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         logged = [m["step"] for m in map(json.loads, f) if "train/loss" in m]
     assert logged == sorted(set(logged)) and logged[:5] == [2, 4, 6, 8, 10]
+    # Every session's time is kept; the resume from step 4 (step 6 damaged) trained 2 steps again.
+    sessions = goodput.read(workdir)
+    assert [(s["start_step"], s["step"]) for s in sessions] == [(0, 2), (2, 4), (4, 6), (4, 8), (8, 10), (10, saved[0])]
+    assert goodput.summarize(sessions)["redone_steps"] == 2
 
 
 def test_a_lost_peer_ends_the_other_process_promptly_with_status_1(digits_dir, tmp_path):

@@ -8,21 +8,35 @@ import jax
 import numpy as np
 import pytest
 
-from masksub_jax import checkpoint, train
+from masksub_jax import checkpoint, goodput, train
 from tests.conftest import mock_imagenet, tiny_digits_config
 
 
 @pytest.fixture(scope="module")
 def finished_run(digits_dir, tmp_path_factory):
-    """60 MaskSub (ratio 0.5) steps on digits with checkpoints every 20 steps."""
+    """60 MaskSub (ratio 0.5) steps on digits with checkpoints every 20 steps, steps 2 and 3 profiled."""
     workdir = str(tmp_path_factory.mktemp("run") / "w")
-    config = tiny_digits_config(digits_dir)
+    config = tiny_digits_config(digits_dir, **{"profile.steps": (2, 4), "profile.dump_hlo": True})
     return config, workdir, train.run(config, workdir)
 
 
 def _metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if '"step"' in line]
+
+
+def test_a_run_profiles_its_chosen_steps_dumps_its_hlo_and_says_where_its_time_went(finished_run):
+    _, workdir, summary = finished_run
+    traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
+    with open(os.path.join(workdir, "profile", "train_step.hlo.txt"), encoding="utf-8") as f:
+        assert f.read().startswith("HloModule jit_train_step")
+    with open(os.path.join(workdir, "sessions.jsonl"), encoding="utf-8") as f:
+        (session,) = [json.loads(line) for line in f]
+    assert (session["start_step"], session["step"], session["devices"]) == (0, 60, 8)
+    assert sum(session[f"{phase}_s"] for phase in goodput.PHASES) == pytest.approx(session["wall_s"])
+    assert session["compile_s"] > 0 and session["eval_s"] > 0 and session["save_s"] > 0
+    assert 0 < summary["time"]["goodput"] < 1 and summary["time"]["redone_steps"] == 0
 
 
 @pytest.mark.smoke
