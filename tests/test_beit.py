@@ -88,6 +88,20 @@ def test_masksub_loss_and_every_gradient_equal_the_official_two_pass_step(fx, mo
     assert errors[worst] < 1e-4, (worst, errors[worst])
 
 
+def test_dropsub_and_pathsub_masks_follow_the_example_not_the_micro_batch(fx):
+    """The dropout and drop-path sub-branches, with remat: example i's masks come from first_example + i."""
+    model = beit.Beit(num_classes=10, variant=VARIANT, remat=True)
+    rngs = {"dropout": jax.random.PRNGKey(1), "droppath": jax.random.PRNGKey(2)}
+    corrupted = jax.jit(lambda p, x, first: model.apply({"params": p}, x, train=True, dropout_rate=0.3,
+                                                       drop_path_rate=0.5, first_example=first, rngs=rngs))
+    params, images = _params(fx), jnp.asarray(fx["images"])
+    whole = corrupted(params, images, 0)
+    later = corrupted(params, jnp.roll(images, -2, axis=0), 2)  # a micro-batch starting at example 2
+    np.testing.assert_allclose(later[:2], whole[2:], rtol=1e-5, atol=1e-6)
+    assert _rel(later[2:], whole[:2]) > 1e-2  # examples 0 and 1 drew other masks as examples 4 and 5
+    assert _rel(whole, fx["tiny_logits"]) > 1e-2  # the rates took effect
+
+
 def test_export_is_the_inverse_of_load(fx):
     sd = _state_dict(fx, "tiny")
     back = beit.to_timm(_params(fx))

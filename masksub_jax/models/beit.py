@@ -67,22 +67,31 @@ def relative_position_index(grid: int) -> np.ndarray:
     return index
 
 
-def kept_relative_index(grid: int, keep_idx) -> jax.Array:
-    """(batch, kept + 1, kept + 1): the bias-table rows between [cls] + each example's kept patches."""
-    positions = jnp.concatenate([jnp.zeros((keep_idx.shape[0], 1), keep_idx.dtype), keep_idx + 1], axis=1)
-    return jnp.asarray(relative_position_index(grid))[positions[:, :, None], positions[:, None, :]]
+def kept_positions(keep_idx) -> jax.Array:
+    """(batch, kept + 1): the token positions of [cls] + each example's kept patches (cls is 0)."""
+    return jnp.concatenate([jnp.zeros((keep_idx.shape[0], 1), keep_idx.dtype), keep_idx + 1], axis=1)
+
+
+def relative_position_bias(table, grid: int, positions=None) -> jax.Array:
+    """The attention bias (1 or batch, heads, n, n) from a (num_relative_distance, heads) table: all
+    tokens', or between the `positions` (batch, n) of each example. Gathered in two steps (the full
+    (g*g+1)^2 bias, then each example's rows and columns), so that the gradient's scatter-add spreads
+    over the full bias rather than piling every example's pairs onto the few table rows."""
+    full = table[jnp.asarray(relative_position_index(grid))]  # (g*g + 1, g*g + 1, heads)
+    bias = full[None] if positions is None else full[positions[:, :, None], positions[:, None, :]]
+    return bias.transpose(0, 3, 1, 2)
 
 
 class Attention(nn.Module):
-    """Softmax attention with a learned relative position bias; `rel_index` (1 or batch, n, n) picks
-    each (query, key) pair's row of the table."""
+    """Softmax attention with a learned relative position bias; `positions` (batch, n): the tokens'
+    places among [cls] + the patch grid (None: all of them, in order)."""
     num_heads: int
     grid: int
     dropout: float
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, rel_index, deterministic: bool, example_ids):
+    def __call__(self, x, positions, deterministic: bool, example_ids):
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
         table = self.param("relative_position_bias_table", nn.initializers.zeros,
@@ -92,7 +101,7 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * width, use_bias=False, kernel_init=dense_init, dtype=self.dtype, name="qkv")(x)
         qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 3, axis=2)
-        bias = table[rel_index].transpose(0, 3, 1, 2).astype(self.dtype)  # (1 or batch, heads, n, n)
+        bias = relative_position_bias(table, self.grid, positions).astype(self.dtype)  # (1 or batch, heads, n, n)
         out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias=bias)
         out = nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, width))
         return Dropout(self.dropout)(out, deterministic, example_ids)
@@ -110,12 +119,12 @@ class Block(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, rel_index, deterministic: bool, example_ids):
+    def __call__(self, x, positions, deterministic: bool, example_ids):
         width = x.shape[-1]
         scale_init = nn.initializers.constant(self.layerscale_init)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
         y = Attention(self.num_heads, self.grid, self.dropout, self.dtype, name="attn")(
-            y, rel_index, deterministic, example_ids)
+            y, positions, deterministic, example_ids)
         if self.layerscale_init:
             y = self.param("gamma_1", scale_init, (width,)).astype(self.dtype) * y
         x = x + DropPath(self.drop_path)(y, deterministic, example_ids)
@@ -155,11 +164,10 @@ class Beit(nn.Module):
                     kernel_init=conv_init, dtype=self.dtype, name="patch_embed")(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, width)
+        positions = None
         if keep_idx is not None:  # MaskSub token dropping: each example keeps its own subset...
             x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
-            rel_index = kept_relative_index(grid, keep_idx)  # ...and the biases between those tokens
-        else:
-            rel_index = jnp.asarray(relative_position_index(grid))[None]
+            positions = kept_positions(keep_idx)  # ...and the biases between those tokens
         cls = self.param("cls_token", dense_init, (1, 1, width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
 
@@ -171,7 +179,7 @@ class Beit(nn.Module):
                  else np.linspace(0.0, self.drop_path, depth))
         for i in range(depth):
             x = block(heads, grid, self.mlp_ratio * width, dropout, float(rates[i]), self.layerscale_init,
-                      self.dtype, name=f"blocks_{i}")(x, rel_index, not train, example_ids)
+                      self.dtype, name=f"blocks_{i}")(x, positions, not train, example_ids)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
         head_init = nn.initializers.truncated_normal(self.head_init_std)
         logits = nn.Dense(self.num_classes, kernel_init=head_init, dtype=self.dtype, name="head")(x)
