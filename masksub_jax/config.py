@@ -39,7 +39,14 @@ def base() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     # More evaluation sets, evaluated with the eval split at every evaluation: "TFDS_NAME:SPLIT" (e.g.
     # "imagenet_v2:test", "imagenet2012_real:validation": ReaL accuracy) or "folder:PATH" (a split
-    # folder of class folders named as the training classes). Reported as eval/<name>/top1.
+    # folder of class folders named as the training classes). Reported as eval/<name>/top1 (<name>:
+    # the TFDS name with its config, e.g. imagenet_v2/threshold-0.7, or the folder's name).
+    # Robustness sets (data/robustness.py): "imagenet_a:test", "imagenet_r:test" (scored on their 200
+    # classes' logits), "imagenet_sketch:test", "imagenet_v2/{matched-frequency,threshold-0.7,
+    # topimages}:test", "imagenet2012_corrupted:validation" (ImageNet-C: 15 corruptions x 5
+    # severities; eval/imagenet2012_corrupted/<corruption>/top1, .../top1 (their mean) and .../mce),
+    # or a part of it: "imagenet2012_corrupted/gaussian_noise,fog:validation" (severities 1-5),
+    # ".../gaussian_noise,fog/3:validation", ".../all/1,5:validation" (mCE only with all 15 x 5).
     c.data.extra_evals = ()
     c.data.image_size = 224
     c.data.crop_ratio = 1.0  # eval: resize shorter side to image_size / crop_ratio, centre crop

@@ -9,8 +9,11 @@ evaluates a training workdir's newest intact checkpoint (or its moving average o
 --ema) with the run's own config (WORKDIR/config.json; `--config.KEY=VALUE` changes a key, e.g. the
 data_dir on another machine), or weights converted with `masksub_jax.convert` (timm, DeiT-III, MAE,
 ...) with --config, on the config's eval split and extra eval sets, and prints top-1 / top-5 (ReaL:
-top-1). The weights are checked against their checksums; a damaged newest checkpoint is skipped,
-saying so. It writes nothing.
+top-1; ImageNet-C: top-1 per corruption, mean top-1 and mCE), then one markdown table of every set
+(`table`). The robustness sets (imagenet_a, imagenet_r, imagenet_sketch, imagenet_v2/CONFIG,
+imagenet2012_corrupted[/CORRUPTIONS[/SEVERITIES]]) and their protocols: data/robustness.py. The
+weights are checked against their checksums; a damaged newest checkpoint is skipped, saying so. It
+writes nothing.
 From Python: `load_variables`, `evaluate` and `predict` (logits for any images, optionally as the
 sub-branch sees them), and `run_config` (the config a workdir's run trains with).
 """
@@ -22,16 +25,54 @@ import numpy as np
 
 from masksub_jax import convert, init_from, masksub, models, sharding
 from masksub_jax import step as step_lib
-from masksub_jax.data import pipeline
+from masksub_jax.data import pipeline, robustness
 
 
-def make_evaluator(config, model, data, mesh, variables_sharding):
+def make_evaluator(config, model, data, mesh, variables_sharding, *, compiled: dict | None = None):
     """variables -> {"top1", "top5", "eval_examples"} over `data`'s eval split, on `mesh`; every
     example counts once (eval batches are padded, the padding masked out). ReaL sets: no top5, and
-    eval_examples counts the images with a non-empty set."""
+    eval_examples counts the images with a non-empty set. ImageNet-A / R (`robustness.ClassSubset`):
+    scored on their 200 classes' logits. ImageNet-C (`robustness.CorruptionSuite`): every corruption
+    and severity, summarised (per-corruption top1, mean top1, mCE). `compiled`: eval steps to share
+    with other sets (a dict `make_evaluations` keeps), so that sets of the same batch shape compile once."""
+    compiled = {} if compiled is None else compiled
+
+    def eval_step(num_classes: int, classes: tuple | None = None):
+        if (num_classes, classes) not in compiled:
+            scored = model if classes is None else RestrictedLogits(model, classes, num_classes)
+            compiled[num_classes, classes] = _compiled_eval_step(config, scored, num_classes, mesh, variables_sharding)
+        return compiled[num_classes, classes]
+
+    if isinstance(data, robustness.CorruptionSuite):
+        parts = {key: _evaluator(eval_step(part.num_classes), part, mesh) for key, part in data.parts.items()}
+        return lambda variables: data.summarise({key: evaluate(variables) for key, evaluate in parts.items()})
+    classes = tuple(data.classes) if isinstance(data, robustness.ClassSubset) else None
+    return _evaluator(eval_step(data.num_classes, classes), data, mesh)
+
+
+class RestrictedLogits:
+    """`model` with the logits of classes outside `classes` at -inf: its top-k are among those
+    classes, ranked as the model ranks them, which is scoring `logits[:, classes]` against labels
+    renumbered 0..len(classes)-1 (Hendrycks' eval.py for ImageNet-A / R; timm's --valid-labels)."""
+
+    def __init__(self, model, classes, num_classes: int):
+        self.model = model
+        self.keep = np.zeros(num_classes, bool)
+        self.keep[list(classes)] = True
+
+    def apply(self, variables, images, **kwargs):
+        logits = self.model.apply(variables, images, **kwargs)
+        return jnp.where(self.keep, logits, -jnp.inf)
+
+
+def _compiled_eval_step(config, model, num_classes: int, mesh, variables_sharding):
     batch_sharding = sharding.batch_sharding(mesh)
-    eval_step = jax.jit(step_lib.make_eval_step(config, model, data.num_classes),
-                        in_shardings=(variables_sharding, batch_sharding), out_shardings=sharding.replicated(mesh))
+    return jax.jit(step_lib.make_eval_step(config, model, num_classes),
+                   in_shardings=(variables_sharding, batch_sharding), out_shardings=sharding.replicated(mesh))
+
+
+def _evaluator(eval_step, data, mesh):
+    batch_sharding = sharding.batch_sharding(mesh)
 
     def evaluate(variables):
         sums = [eval_step(variables, sharding.to_global(batch, batch_sharding)) for batch in data.eval_batches()]
@@ -46,7 +87,8 @@ def make_evaluations(config, model, sources: dict, mesh, variables_sharding, *, 
     """state -> every evaluation of a run: each eval set of `sources` ({"": the eval split, name: an
     extra set}) with the live weights and, with `ema`, with their average. Keys: "top1", "top5",
     "eval_examples" (the eval split's), "NAME/top1", ..., and the same under "ema/"."""
-    evaluators = {name: make_evaluator(config, model, data, mesh, variables_sharding)
+    compiled = {}
+    evaluators = {name: make_evaluator(config, model, data, mesh, variables_sharding, compiled=compiled)
                   for name, data in sources.items()}
 
     def evaluate(state) -> dict:
@@ -70,6 +112,34 @@ def describe(results: dict) -> str:
         if metric != "eval_examples":
             groups.setdefault(prefix, []).append(f"{metric} {value:.4f}")
     return ", ".join((f"{prefix} " if prefix else "") + " ".join(values) for prefix, values in groups.items())
+
+
+def table(results: dict, model: str, eval_set: str) -> str:
+    """`make_evaluations`' results as the markdown table a paper pastes: a row per set (the eval split,
+    named `eval_set`, then each extra set; the moving average's rows after), with top-1 and top-5 in
+    percent, and mCE (percent of AlexNet's errors) when an ImageNet-C set has one; '-' where a set has
+    no such figure (ReaL: no top-5)."""
+    sets = [key[:-len("eval_examples")].rstrip("/") for key in results if key.rpartition("/")[2] == "eval_examples"]
+    with_mce = any(f"{prefix}/mce" in results for prefix in sets)
+    header = ["model", "set", "top-1", "top-5"] + (["mCE"] if with_mce else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for prefix in sorted(sets, key=lambda p: (p == "ema" or p.startswith("ema/"), p not in ("", "ema"))):
+        ema = prefix == "ema" or prefix.startswith("ema/")
+        name = prefix[4:] if ema and prefix != "ema" else "" if ema else prefix
+        key = f"{prefix}/" if prefix else ""
+        row = [model + (" (EMA)" if ema else ""), name or eval_set]
+        row += [f"{100 * results[key + m]:.2f}" if key + m in results else "-" for m in ("top1", "top5")]
+        if with_mce:
+            row.append(f"{results[key + 'mce']:.2f}" if key + "mce" in results else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def eval_set_name(config) -> str:
+    """The config's eval split as the table names it, e.g. imagenet2012:validation."""
+    d = config.data
+    return {"tfds": f"{d.name}:{d.eval_split}", "folder": f"folder:{d.folder}/{d.eval_split}",
+            "digits": "digits:test"}.get(d.source, d.source)
 
 
 def load_variables(config, path: str, num_classes: int, *, ema: bool = False, say=print) -> dict:
@@ -172,22 +242,26 @@ def check_images(config, images) -> None:
         raise ValueError(f"{takes}; got shape {shape}: {fix}.")
 
 
-def _define_flags():
+def _define_flags(flag_values=None, argv=None):
+    """The command's flags, on absl's global FLAGS or on `flag_values` (a test's own FlagValues, with
+    the `argv` it parses: the --config.KEY flags are defined from it)."""
     import os
 
     from absl import flags
     from ml_collections import config_flags
+    on = {"flag_values": flags.FLAGS if flag_values is None else flag_values}
     # Without --config the schema's defaults stand in, so that --config.KEY=VALUE still parses; the
     # run's config.json gives the values (command_config).
     schema = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "_schema.py")
     config_flags.DEFINE_config_file("config", schema, "Config file, e.g. configs/vit_b.py: the model and data "
                                     "of --init_from's weights. With --workdir the run's own config.json is used "
                                     "(--config.KEY=VALUE changes a key).", lock_config=False,
-                                    accept_new_attributes=True)
-    flags.DEFINE_string("workdir", None, "A training workdir: its newest intact checkpoint is evaluated.")
-    flags.DEFINE_string("init_from", None, "Weights written by `python -m masksub_jax.convert` (needs --config).")
-    flags.DEFINE_bool("ema", False, "With --workdir: evaluate the run's moving average of the weights.")
-    flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
+                                    accept_new_attributes=True, sys_argv=argv, **on)
+    flags.DEFINE_string("workdir", None, "A training workdir: its newest intact checkpoint is evaluated.", **on)
+    flags.DEFINE_string("init_from", None, "Weights written by `python -m masksub_jax.convert` (needs --config).",
+                        **on)
+    flags.DEFINE_bool("ema", False, "With --workdir: evaluate the run's moving average of the weights.", **on)
+    flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.", **on)
 
 
 def command_config(config_flag, workdir: str | None, say=print):
@@ -259,6 +333,7 @@ def _evaluate_command(f) -> None:
     result = evaluate(config, variables, data, extra_evals, say=say)
     say(f"{describe(result)} on {result['eval_examples']} eval examples "
         f"({config.data.source} {config.data.name if config.data.source == 'tfds' else ''}".rstrip() + ")")
+    say("\n" + table(result, path + (" (EMA)" if f.ema else ""), eval_set_name(config)))
 
 
 if __name__ == "__main__":

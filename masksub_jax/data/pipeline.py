@@ -10,8 +10,9 @@ Sources:
              (`masksub_jax/augment/`), with repeated augmentation.
   folder:    an image-folder tree (ROOT/<split>/<class>/*.JPEG; `folder_source.py`), read as a TFDS
              data set is.
-Extra evaluation sets (config.data.extra_evals): `make_extra_evals`. This module alone knows which
-sources exist; the batch type and the errors they share are `types.py`'s.
+Extra evaluation sets (config.data.extra_evals): `make_extra_evals`, with the robustness sets'
+protocols (`robustness.py`: ImageNet-A / R on their 200 classes, ImageNet-C's corruptions and mCE).
+This module alone knows which sources exist; the batch type and the errors they share are `types.py`'s.
 
 Every source gives the batch of step k as a function of (seed, k): a resumed run sees exactly the
 batches an uninterrupted run sees. Eval batches are padded to full size with `mask` = 0 so every
@@ -24,8 +25,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from masksub_jax.data import digits
-from masksub_jax.data.types import Batch, capped_eval_batch_size
+from masksub_jax.data import digits, robustness
+from masksub_jax.data.types import Batch, DataNotFoundError, capped_eval_batch_size
 
 
 class ArraySource:
@@ -132,26 +133,92 @@ def make(config, process_index: int = 0, process_count: int = 1, batch_multiple:
 def make_extra_evals(config, class_names: list[str], process_index: int = 0, process_count: int = 1,
                      batch_multiple: int = 1, workdir: str | None = None, resuming: bool = False,
                      write_lists: bool = True) -> dict:
-    """{name: eval-only source} for config.data.extra_evals: "TFDS_NAME:SPLIT" (name: the TFDS name
-    before any "/") or "folder:PATH" (name: the folder's), in the model's `class_names`' indices."""
-    from masksub_jax.data import folder_source, indexed, tfds_source
+    """{name: eval-only source} for config.data.extra_evals, in the model's `class_names`' indices:
+    "folder:PATH" (name: the folder's) or "TFDS_NAME:SPLIT" (name: TFDS_NAME, e.g. imagenet_v2 or
+    imagenet_v2/threshold-0.7). imagenet_a and imagenet_r are scored on their 200 classes' logits
+    (`robustness.ClassSubset`); imagenet2012_corrupted[/CORRUPTIONS[/SEVERITIES]] is ImageNet-C, one
+    set of many TFDS configs (`robustness.CorruptionSuite`). Every set that is not prepared is named,
+    with how to prepare it, in one DataNotFoundError."""
+    from masksub_jax.data import folder_source
     d = config.data
-    sources = {}
-    for spec in d.extra_evals:
-        kind, where = spec.split(":", 1)
+    processes = dict(process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
+    specs = [spec.split(":", 1) for spec in d.extra_evals]
+    for kind, _ in specs:  # spelling mistakes before any data is read
+        if kind.partition("/")[0] == robustness.CORRUPTED:
+            robustness.parse_corrupted(kind)
+    sources, missing = {}, []
+    for kind, where in specs:
         if kind == "folder":
             name, split = folder_source.eval_split(where, class_names, workdir, on_corrupt_image=d.on_corrupt_image,
                                                    reuse=resuming, write=write_lists and process_index == 0)
+            source = _eval_source(config, split, class_names, processes)
         else:
-            name = kind.partition("/")[0]
-            split = tfds_source.eval_split(kind, where, d.data_dir, len(class_names))
+            name = robustness.CORRUPTED if kind.partition("/")[0] == robustness.CORRUPTED else kind
+            try:
+                source = _tfds_eval_source(config, kind, where, class_names, processes)
+            except DataNotFoundError as e:
+                missing.append(str(e))
+                continue
         if name in sources or name in ("ema",):
             raise ValueError(f"data.extra_evals names {name!r} twice (or a reserved name); each extra eval set "
                              "needs a name of its own (its TFDS name, or its folder's name).")
-        sources[name] = indexed.IndexedSource(config, None, split, class_names=class_names,
-                                              process_index=process_index, process_count=process_count,
-                                              batch_multiple=batch_multiple)
+        sources[name] = source
+    if missing:
+        raise DataNotFoundError(missing[0] if len(missing) == 1 else
+                                f"{len(missing)} extra eval sets are not prepared: " + " ".join(
+                                    f"({i}) {message}" for i, message in enumerate(missing, 1)))
     return sources
+
+
+def _eval_source(config, split, class_names, processes):
+    from masksub_jax.data import indexed
+    return indexed.IndexedSource(config, None, split, class_names=class_names, **processes)
+
+
+def _tfds_eval_source(config, kind: str, split: str, class_names: list[str], processes: dict):
+    """The extra eval source of TFDS name `kind`, split `split`, with its robustness protocol."""
+    import tensorflow_datasets as tfds
+
+    from masksub_jax.data import tfds_source
+    data_dir = config.data.data_dir
+    if kind.partition("/")[0] == robustness.CORRUPTED:
+        corruptions, severities = robustness.parse_corrupted(kind)
+        parts, unprepared = {}, []
+        for c in corruptions:
+            for s in severities:
+                name = robustness.corruption_config(c, s)
+                try:
+                    parts[c, s] = _eval_source(config, tfds_source.eval_split(name, split, data_dir, len(class_names)),
+                                               class_names, processes)
+                except DataNotFoundError:
+                    if tfds.builder(name, data_dir=data_dir).is_prepared():
+                        raise  # prepared, but not that split
+                    unprepared.append(name)
+        if unprepared:
+            raise DataNotFoundError(_corruptions_not_prepared(kind, unprepared, len(corruptions) * len(severities),
+                                                              data_dir))
+        return robustness.CorruptionSuite(parts)
+    source = _eval_source(config, tfds_source.eval_split(kind, split, data_dir, len(class_names)), class_names,
+                          processes)
+    if kind in robustness.SUBSET_SETS:
+        label_names = tfds.builder(kind, data_dir=data_dir).info.features["label"].names
+        return robustness.ClassSubset(source, robustness.class_subset(kind, label_names))
+    return source
+
+
+def _corruptions_not_prepared(kind: str, unprepared: list[str], chosen: int, data_dir: str | None) -> str:
+    """Which ImageNet-C configs are not prepared, and the commands that prepare them (TFDS corrupts
+    ImageNet's validation images itself)."""
+    from masksub_jax.data import tfds_source
+    folder = data_dir or "DIR"
+    configs = " ".join(name.partition("/")[2] for name in unprepared)
+    shown = ", ".join(unprepared[:3]) + (f" and {len(unprepared) - 3} more" if len(unprepared) > 3 else "")
+    return (f"ImageNet-C ({kind}): {len(unprepared)} of its {chosen} TFDS configs are not prepared in "
+            f"data.data_dir={data_dir!r} ({shown}). TFDS makes them from ImageNet's validation images: put "
+            f"ILSVRC2012_img_val.tar in {folder}/downloads/manual, `pip install opencv-python-headless scikit-image "
+            f"scipy` (TFDS's corruption code), then `for c in {configs}; do "
+            f"{tfds_source.prepare_command(robustness.CORRUPTED + '/$c', folder)}; done` (each config reads the "
+            f"50,000 images again), then pass --config.data.data_dir={folder}.")
 
 
 def _as_arrays(builder, split):
