@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from flax import linen as nn
 
-from masksub_jax import cli, convert, evaluate, sharding
+from masksub_jax import cli, convert, evaluate, metrics, sharding, train
 from masksub_jax import config as config_lib
 from masksub_jax import step as step_lib
 from masksub_jax.data import pipeline, robustness, types
@@ -138,6 +138,29 @@ def test_imagenet_c_evaluates_every_corruption_and_severity_with_one_compilation
     # Hendrycks & Dietterich: CE_c = sum_s E_{s,c} / sum_s E_{s,c}^AlexNet, mCE its mean over c
     ce = [np.sum(1 - np.array(want[c])) / (5 * robustness.ALEXNET_ERRORS[c]) for c in want]
     assert result["mce"] == pytest.approx(100 * np.mean(ce)) and result["eval_examples"] == 300
+
+
+def test_imagenet_c_lands_in_metrics_jsonl_as_eval_set_corruption_top1_and_mce(tmp_path):
+    """The trainer's path: make_evaluations, then train's eval scalars, then metrics.jsonl."""
+    logits = np.zeros((4, 1000), np.uint8)
+    logits[:, 1] = 200
+    parts = {(c, s): Batches(_batch(logits, [1, 1, 0, 0])) for c in robustness.BENCHMARK_CORRUPTIONS
+             for s in robustness.SEVERITIES}
+    sources = {"": Batches(_batch(logits, [1, 0, 0, 0])), "imagenet2012_corrupted": robustness.CorruptionSuite(parts)}
+    mesh = sharding.make_mesh(1)
+    said = []
+    result = evaluate.make_evaluations(_pixel_config(), PixelLogits(1000), sources, mesh, sharding.replicated(mesh),
+                                       ema=False, say=said.append)({})
+    assert said == ["evaluating 4 examples...", "evaluating 300 examples (imagenet2012_corrupted)..."]
+    writer = metrics.JsonlWriter(str(tmp_path / "metrics.jsonl"))
+    writer.write_scalars(10, train._eval_scalars(result))
+    writer.flush()
+    logged = metrics.read_history(str(tmp_path))[0]
+    assert logged["eval/top1"] == 0.25 and logged["eval/imagenet2012_corrupted/fog/top1"] == 0.5
+    assert logged["eval/imagenet2012_corrupted/top1"] == 0.5
+    assert logged["eval/imagenet2012_corrupted/mce"] == pytest.approx(
+        100 * np.mean([0.5 / e for e in robustness.ALEXNET_ERRORS.values()]))
+    assert "eval/imagenet2012_corrupted/eval_examples" not in logged
 
 
 def test_the_markdown_table_has_a_row_per_set_and_dashes_where_a_figure_is_not_defined():
