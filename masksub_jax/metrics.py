@@ -6,6 +6,7 @@ import time
 from clu import metric_writers
 from etils import epath
 
+from masksub_jax import tracking
 from masksub_jax import workdir as workdir_lib
 
 
@@ -70,15 +71,17 @@ def read_history(workdir: str) -> list[dict]:
     return [record for record in map(json.loads, lines) if "step" in record]
 
 
-def make_writer(workdir: str, is_chief: bool, start_step: int = 0) -> metric_writers.MetricWriter:
-    """TensorBoard events under WORKDIR/tb and WORKDIR/metrics.jsonl (kept up to `start_step`), on the
-    chief process only."""
+def make_writer(workdir: str, is_chief: bool, start_step: int = 0, *, wandb=None,
+                flat_config: dict | None = None) -> metric_writers.MetricWriter:
+    """TensorBoard events under WORKDIR/tb and WORKDIR/metrics.jsonl (kept up to `start_step`), and
+    with `wandb` (config.wandb) a W&B run whose config is `flat_config`, on the chief process only."""
     if not is_chief:
         return metric_writers.MultiWriter([])
-    return metric_writers.MultiWriter([
-        metric_writers.SummaryWriter(str(epath.Path(workdir) / "tb")),
-        JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl"), start_step),
-    ])
+    writers = [metric_writers.SummaryWriter(str(epath.Path(workdir) / "tb")),
+               JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl"), start_step)]
+    if wandb is not None and tracking.enabled(wandb):
+        writers.append(tracking.WandbWriter(workdir, wandb, flat_config or {}))
+    return metric_writers.MultiWriter(writers)
 
 
 class Progress:

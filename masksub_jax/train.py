@@ -145,7 +145,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     # ----------------------------------------------------------------------------------------------
     # The loop.
     profiler = profiling.Profiler(workdir, config.profile, is_chief)
-    writer = metrics.make_writer(workdir, is_chief, start_step)
+    writer = metrics.make_writer(workdir, is_chief, start_step, wandb=config.wandb, flat_config=flat)
     writer.write_hparams(flat)  # kept once per run (metrics.py)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
     say(f"Training {models.of(config).describe(config)} ({_count(state['params']) / 1e6:.2f}M params) "
@@ -212,7 +212,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
             if preempted and step < total_steps:
                 with clock.timing("save"):
                     checkpoints.wait()
-                writer.flush()
+                writer.close()
                 clock.save(step)
                 raise preemption.Preempted(step, workdir)
         with clock.timing("save"):
@@ -223,7 +223,7 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     with clock.timing("eval"):
         result = evaluate(state)
     writer.write_scalars(step, _eval_scalars(result))
-    writer.flush()
+    writer.close()
     clock.save(step)
     time_spent = clock.summary()
     summary = {"step": step, **result, "wall_s": time.time() - start_time, "time": time_spent}

@@ -26,7 +26,8 @@ RUN_DEFINING = ("seed", "model.family", "model.variant", "data.source", "data.na
 NO_EFFECT_ON_WEIGHTS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                         "eval_batch_size", "data.data_dir", "data.extra_evals", "data.on_corrupt_image",
                         "on_nonfinite", "init_from", "model.remat", "masksub.memory_lean", "accum_steps", "mesh.fsdp",
-                        "compilation_cache_dir", "profile.steps", "profile.all_processes", "profile.dump_hlo")
+                        "compilation_cache_dir", "profile.steps", "profile.all_processes", "profile.dump_hlo",
+                        "wandb.project", "wandb.entity", "wandb.name", "wandb.tags", "wandb.mode")
 
 
 class WorkdirError(ValueError):

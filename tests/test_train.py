@@ -14,9 +14,11 @@ from tests.conftest import mock_imagenet, tiny_digits_config
 
 @pytest.fixture(scope="module")
 def finished_run(digits_dir, tmp_path_factory):
-    """60 MaskSub (ratio 0.5) steps on digits with checkpoints every 20 steps, steps 2 and 3 profiled."""
+    """60 MaskSub (ratio 0.5) steps on digits with checkpoints every 20 steps, steps 2 and 3 profiled,
+    tracked by an offline W&B run."""
     workdir = str(tmp_path_factory.mktemp("run") / "w")
-    config = tiny_digits_config(digits_dir, **{"profile.steps": (2, 4), "profile.dump_hlo": True})
+    config = tiny_digits_config(digits_dir, **{"profile.steps": (2, 4), "profile.dump_hlo": True,
+                                               "wandb.project": "masksub-tests", "wandb.mode": "offline"})
     return config, workdir, train.run(config, workdir)
 
 
@@ -37,6 +39,19 @@ def test_a_run_profiles_its_chosen_steps_dumps_its_hlo_and_says_where_its_time_w
     assert sum(session[f"{phase}_s"] for phase in goodput.PHASES) == pytest.approx(session["wall_s"])
     assert session["compile_s"] > 0 and session["eval_s"] > 0 and session["save_s"] > 0
     assert 0 < summary["time"]["goodput"] < 1 and summary["time"]["redone_steps"] == 0
+
+
+def test_the_wandb_run_gets_the_scalars_images_and_config_tensorboard_gets(finished_run):
+    from tests.test_tracking import logged, offline_records
+    _, workdir, summary = finished_run
+    (run_dir,) = glob.glob(os.path.join(workdir, "wandb", "offline-run-*"))
+    records = offline_records(run_dir)
+    steps = logged(records)
+    assert [s for s in sorted(steps) if "train/loss_main" in steps[s]] == [20, 40, 60]
+    assert float(steps[60]["eval/top1"]) == pytest.approx(summary["top1"])
+    assert steps[20]["train/sub_branch_inputs/count"] == "8"
+    (start,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert {i.key: i.value_json for i in start.config.update}["model.variant"] == '"mu/2"'
 
 
 @pytest.mark.smoke
