@@ -23,7 +23,7 @@ def test_a_family_from_outside_the_package_trains_with_masksub(tmp_path, digits_
 
 def test_unknown_and_incomplete_families_are_named(monkeypatch):
     config = tiny_digits_config("/unused", **{"model.family": "vitt"})
-    with pytest.raises(ValueError, match=r"Unknown model.family 'vitt': use one of \('vit', 'swin', 'resnet'\)"):
+    with pytest.raises(ValueError, match=r"Unknown model.family 'vitt': use one of \('vit', 'swin', 'resnet', 'beit'"):
         config_lib.validate(config)
     config.model.family = "no_such_package.family"
     with pytest.raises(ValueError, match="Unknown model.family 'no_such_package.family'"):

@@ -392,6 +392,8 @@ def detect(state_dict) -> dict | None:
     sd, notes = _canonical_and_notes(state_dict)
     if not ({"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(sd) and any(map(_QKV.match, sd))):
         return None
+    if any(k.endswith(".attn.q_bias") or "relative_position_bias_table" in k for k in sd):
+        return None  # BEiT's (models/beit.py), even with an absolute pos_embed (BEiT v1)
     variant, image_size = resolve_variant(None, sd)
     # LayerScale's presence: weights with it need a model with it (its init value is overwritten).
     config = {"model.layerscale_init": 1e-4 if "blocks.0.ls1.gamma" in sd else 0.0}
