@@ -8,7 +8,7 @@
 Expected ImageNet-1k top-1: the baseline (--config.masksub.mode=none) 85.5, BEiT v2's published result for
 this setting (unilm beit2/get_started_for_image_classification.md, 1600 pretraining epochs, 100
 fine-tuning epochs); + MaskSub 85.6 (Heo et al., CVPR 2025, as given by a summary of the paper, not read
-from its tables: /work/shared/reference/masksub_method.md section 6). Not yet reproduced with this code.
+from its tables). Not yet reproduced with this code.
 How MaskSub was placed in BEiT is not stated; here it drops patch tokens before the blocks, keeps cls,
 and gathers each block's relative position bias for the kept tokens (models/beit.py).
 
