@@ -127,6 +127,25 @@ def base() -> ml_collections.ConfigDict:
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.0
 
+    # Probes of the frozen pre-logits features (the classifier's input) at every evaluation, beside
+    # the top-1 (probes.py): eval/NAME_Kshot/top1, eval/NAME_linear/top1, eval/NAME_knn/top1. A set:
+    # "TFDS_NAME" (splits train, test), "TFDS_NAME:TRAIN:TEST", "folder:PATH" (PATH/train, PATH/test)
+    # or "folder:PATH:TRAIN:TEST", or "digits". None by default.
+    c.probes = ml_collections.ConfigDict()
+    # Few-shot ridge regression (big_vision evaluators/fewshot_lsr.py; its configs/common_fewshot.py
+    # probes cifar100, oxford_iiit_pet, dtd, caltech101, cars196, uc_merced).
+    c.probes.fewshot = ()
+    c.probes.linear = ()  # the same ridge on the whole training split
+    c.probes.knn = ()  # DINO's weighted kNN (facebookresearch/dino eval_knn.py)
+    c.probes.shots = (1, 5, 10, 25)  # examples per class (big_vision common_fewshot.py)
+    c.probes.seeds = 3  # draws of the shots per evaluation (big_vision: num_seeds 3)
+    # Ridge terms tried on the held-out examples (big_vision fixes 2^10, inside this range; one value =
+    # big_vision's protocol, nothing held out).
+    c.probes.l2_grid = tuple(2.0**k for k in range(-4, 21, 2))
+    c.probes.heldout_per_class = 5  # training examples per class that choose the ridge term, never shots
+    c.probes.knn_k = 20  # DINO: 20
+    c.probes.knn_temperature = 0.07  # DINO: 0.07
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # devices that share (shard) the parameters and optimizer state; the rest is data parallel
 
@@ -388,6 +407,26 @@ def _check_device_counts(c, num_devices: int, training: bool) -> None:
                  f"the device count {num_devices}")
 
 
+def _check_probes(c) -> None:
+    p = c.probes
+    from masksub_jax import probes
+    for key in ("fewshot", "linear", "knn"):
+        for spec in p[key]:
+            try:
+                probes.parse_set(spec)
+            except ValueError as e:
+                raise ValueError(f"Config probes.{key} is invalid: {e}") from None
+    _require(len(p.shots) >= 1 and all(isinstance(k, int) and k >= 1 for k in p.shots), "probes.shots", p.shots,
+             "give positive examples-per-class counts, e.g. (1, 5, 10, 25)")
+    _require(p.seeds >= 1, "probes.seeds", p.seeds, "must be >= 1")
+    _require(len(p.l2_grid) >= 1 and all(isinstance(v, (int, float)) and v > 0 for v in p.l2_grid), "probes.l2_grid",
+             p.l2_grid, "give one or more positive ridge terms, e.g. (1024.0,) (big_vision's)")
+    _require(p.heldout_per_class >= (1 if len(p.l2_grid) > 1 else 0), "probes.heldout_per_class",
+             p.heldout_per_class, "must be >= 1 to choose among several probes.l2_grid values (one value: >= 0)")
+    _require(p.knn_k >= 1, "probes.knn_k", p.knn_k, "must be >= 1 (DINO: 20)")
+    _require(p.knn_temperature > 0, "probes.knn_temperature", p.knn_temperature, "must be > 0 (DINO: 0.07)")
+
+
 def validate(config, num_devices: int | None = 1, *, training: bool = True) -> None:
     """Checks every key's type and range; raises ValueError naming the key and the fix. With
     `num_devices` None the checks against the device count are left out (main.py validates before
@@ -403,6 +442,7 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     for spec in c.data.extra_evals:
         _require(isinstance(spec, str) and ":" in spec and all(spec.split(":", 1)), "data.extra_evals", spec,
                  "give each as 'TFDS_NAME:SPLIT' (e.g. 'imagenet_v2:test') or 'folder:PATH'")
+    _check_probes(c)
     _require(0 <= c.ema.decay < 1, "ema.decay", c.ema.decay, "must be in [0, 1) (0 = no EMA; DeiT-III: 0.99996)")
     _require(0 < c.data.crop_ratio <= 1, "data.crop_ratio", c.data.crop_ratio, "must be in (0, 1]")
     _require(c.data.on_corrupt_image in ("fail", "skip"), "data.on_corrupt_image", c.data.on_corrupt_image,

@@ -192,6 +192,8 @@ def evaluate(config, variables, data=None, extra_evals=None, *, say=lambda line:
     model = step_lib.make_model(config, data.num_classes)
     evaluations = make_evaluations(config, model, {"": data} | (extra_evals or {}), mesh, variables_sharding,
                                    ema=False, say=say)
+    from masksub_jax import probes  # config.probes: few-shot, linear and kNN probes of the features
+    evaluations = probes.extend(evaluations, config, model, mesh, variables_sharding, ema=False, say=say)
     return evaluations(jax.device_put(variables, variables_sharding))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from masksub_jax import checkpoint, convert, goodput, metrics, models, preemption, profiling, sharding, xla_cache
 from masksub_jax import config as config_lib
 from masksub_jax import evaluate as evaluate_lib
+from masksub_jax import probes as probes_lib
 from masksub_jax import step as step_lib
 from masksub_jax import workdir as workdir_lib
 from masksub_jax.data import pipeline
@@ -131,6 +132,8 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
     input_preview = jax.jit(step_lib.make_input_preview(config, data.num_classes), out_shardings=replicated)
     evaluate = evaluate_lib.make_evaluations(config, model, eval_sets, mesh, step_lib.variables(state_sharding),
                                              ema=bool(config.ema.decay), say=say)
+    evaluate = probes_lib.extend(evaluate, config, model, mesh, step_lib.variables(state_sharding),  # config.probes
+                                 ema=bool(config.ema.decay), say=say)
 
     def record_start():
         """Once the first step has run on every process: the run has really started."""
