@@ -62,6 +62,7 @@ setuptools.setup(
     license="Apache-2.0",
     url="https://arxiv.org/abs/2306.11339",
     packages=setuptools.find_packages(include=["masksub_jax", "masksub_jax.*"]),
+    package_data={"masksub_jax.data": ["*_classes.txt"]},  # ImageNet-A / R's 200 classes
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

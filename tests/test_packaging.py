@@ -100,3 +100,17 @@ def test_a_bound_moved_on_one_side_or_an_extra_pin_is_named(tmp_path):
     assert disagreements(str(tmp_path / "setup.py"), str(tmp_path / "constraints-min.txt")) == [
         f"numpy: setup.py >=9.9, constraints-min.txt =={numpy}",
         "protobuf: pinned in constraints-min.txt but not a direct dependency in setup.py"]
+
+
+def test_every_package_directory_and_its_data_files_go_into_the_wheel():
+    """A folder of modules without __init__.py is left out of a non-editable install by find_packages
+    (masksub_jax/data once was); its non-Python files need package_data."""
+    import setuptools
+    packages = set(setuptools.find_packages(where=REPO, include=["masksub_jax", "masksub_jax.*"]))
+    for folder, _, files in os.walk(os.path.join(REPO, "masksub_jax")):
+        if "__pycache__" in folder or not any(f.endswith(".py") for f in files):
+            continue
+        name = os.path.relpath(folder, REPO).replace(os.sep, ".")
+        assert name in packages, f"{name} has modules but no __init__.py: a wheel would leave it out"
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+        assert 'package_data={"masksub_jax.data": ["*_classes.txt"]}' in f.read()
