@@ -16,11 +16,12 @@ feature of 100 appended for the bias (so nearly unregularised), solved through t
 of X^T X (or X X^T when there are fewer shots than dimensions), and top-1 on the test split. Reported
 per set and shot count: eval/NAME_Kshot/top1 (mean over the draws) and top1_std.
 One change: big_vision fixes the ridge term (2^10); here it is chosen per draw from probes.l2_grid
-by top-1 on held-out training examples, the last probes.heldout_per_class of each class's
-permutation (never among the shots). A grid of one value is big_vision's protocol exactly.
+by top-1 on held-out training examples (ties: by squared error), the last probes.heldout_per_class
+of each class's permutation (never among the shots). A grid of one value is big_vision's protocol
+exactly.
 
 Linear probe on the full training split (probes.linear): the same closed-form ridge on all training
-features (l2 chosen on the held-out examples of draw 0, then refit on all of them): eval/NAME_linear/top1.
+features (l2 chosen on a held-out tenth of each class, then refit on all of them): eval/NAME_linear/top1.
 It is a least-squares classifier, not the softmax classifier trained by SGD or L-BFGS that MAE's
 linear probing or CLIP's logistic regression report; it ranks representations and costs one
 eigendecomposition, but its numbers are not theirs.
@@ -235,27 +236,38 @@ def ridge_weights(cache: dict, l2: float) -> np.ndarray:
 
 def ridge_accuracies(cache: dict, x: np.ndarray, labels: np.ndarray, l2s) -> np.ndarray:
     """Top-1 on (x, labels) of the solution for each ridge term in `l2s`."""
+    return _held_out_scores(cache, x, labels, l2s)[0]
+
+
+def _held_out_scores(cache: dict, x: np.ndarray, labels: np.ndarray, l2s) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1, mean squared error against the +-1 targets) on (x, labels) for each ridge term."""
     design = _design(cache, x)
-    return np.array([np.mean(np.argmax(design @ ridge_weights(cache, l2), 1) == labels) for l2 in l2s])
+    targets = 2.0 * np.eye(cache["rhs"].shape[1])[labels] - 1.0
+    scores = [design @ ridge_weights(cache, l2) for l2 in l2s]
+    return (np.array([np.mean(np.argmax(s, 1) == labels) for s in scores]),
+            np.array([np.mean((s - targets) ** 2) for s in scores]))
 
 
 def choose_l2(cache: dict, x: np.ndarray, labels: np.ndarray, l2_grid) -> float:
-    """The ridge term of `l2_grid` with the best top-1 on the held-out (x, labels), the largest of
-    equals (the most regularised); a grid of one value is that value."""
+    """The ridge term of `l2_grid` with the best top-1 on the held-out (x, labels); of equals (a few
+    held-out examples often tie), the one with the least squared error against their +-1 targets. A
+    grid of one value is that value."""
     if len(l2_grid) == 1:
         return float(l2_grid[0])
-    accuracies = ridge_accuracies(cache, x, labels, l2_grid)
-    return float(max(l2 for l2, a in zip(l2_grid, accuracies) if a == accuracies.max()))
+    accuracies, errors = _held_out_scores(cache, x, labels, l2_grid)
+    return float(l2_grid[min(range(len(l2_grid)), key=lambda i: (-accuracies[i], errors[i]))])
 
 
-def _draw(labels: np.ndarray, num_classes: int, seed: int, heldout_per_class: int):
+def _draw(labels: np.ndarray, num_classes: int, seed: int, heldout_per_class: int, heldout_fraction: float = 0.0):
     """Per class, big_vision's seeded permutation of its examples, split into (those shots are
-    drawn from, the held-out last `heldout_per_class`); a class keeps at least one for shots."""
+    drawn from, the held-out last max(`heldout_per_class`, `heldout_fraction` of them)); a class
+    keeps at least one for shots."""
     rng = np.random.default_rng(seed)
     pools, held = [], []
     for c in range(num_classes):
         order = rng.permutation(np.flatnonzero(labels == c))
-        cut = len(order) - min(heldout_per_class, max(len(order) - 1, 0))
+        wanted = max(heldout_per_class, int(heldout_fraction * len(order)))
+        cut = len(order) - min(wanted, max(len(order) - 1, 0))
         pools.append(order[:cut])
         held.append(order[cut:])
     return pools, np.concatenate(held).astype(np.int64)
@@ -279,10 +291,11 @@ def fewshot(train_x, train_y, test_x, test_y, num_classes: int, *, shots, seeds:
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *, l2_grid, heldout_per_class: int) -> float:
-    """Top-1 on the test split of ridge on all training features, l2 chosen on held-out ones first."""
+    """Top-1 on the test split of ridge on all training features, l2 chosen first on held-out ones
+    (a tenth of each class, at least `heldout_per_class`) with the ridge fitted on the rest."""
     l2 = float(l2_grid[0])
     if len(l2_grid) > 1:
-        pools, held = _draw(train_y, num_classes, 0, heldout_per_class)
+        pools, held = _draw(train_y, num_classes, 0, heldout_per_class, heldout_fraction=0.1)
         fit = np.concatenate(pools).astype(np.int64)
         l2 = choose_l2(ridge_cache(train_x[fit], train_y[fit], num_classes), train_x[held], train_y[held], l2_grid)
     return float(ridge_accuracies(ridge_cache(train_x, train_y, num_classes), test_x, test_y, [l2])[0])
