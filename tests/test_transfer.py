@@ -139,5 +139,5 @@ def test_an_unprepared_tfds_set_stops_the_run_before_compiling_naming_the_prepar
         train.run(c, str(tmp_path / "w"))
     assert str(e.value).startswith(
         f"TFDS data set 'cifar100' is not prepared in data.data_dir='{tmp_path}/tfds'. Prepare it once with "
-        f"`python -m masksub_jax.data.prepare --name=cifar100 --data_dir={tmp_path}/tfds`"), e.value
+        f"`python -m masksub_jax.data.prepare --name=cifar100 --data_dir={tmp_path}/tfds`. "), e.value
     assert "compiling" not in capsys.readouterr().out

@@ -127,11 +127,14 @@ def _records(builder, split: str, data_dir: str | None):
     except (NotImplementedError, ValueError, KeyError, FileNotFoundError, AssertionError) as e:
         cause = e
     if not builder.is_prepared():
+        where = (f"data.data_dir={data_dir!r}" if data_dir else
+                 "TFDS's default folder (data.data_dir unset: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+        then = "" if data_dir else ", then pass --config.data.data_dir=DIR"
         raise DataNotFoundError(
-            f"TFDS data set {name!r} is not prepared in data.data_dir={data_dir!r}. Prepare it once with "
+            f"TFDS data set {name!r} is not prepared in {where}. Prepare it once with "
             f"`{prepare_command(name, data_dir or 'DIR')}`" + (
-                " (ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in DIR/downloads/manual first)"
-                if name.startswith("imagenet2012") else "") + ", then pass --config.data.data_dir=DIR. "
+                f" (ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {data_dir or 'DIR'}"
+                "/downloads/manual first)" if name.startswith("imagenet2012") else "") + f"{then}. "
             "To try a config without the data, train on generated images: --config.data.source=synthetic "
             "(README: Try it without ImageNet).")
     if array_record not in (builder.info.file_format, *builder.info.alternative_file_formats):
