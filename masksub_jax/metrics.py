@@ -115,7 +115,8 @@ class Progress:
     def line(self, step: int, scalars: dict, steps_per_s: float | None) -> str:
         if steps_per_s:
             eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_s))
-            speed = f"{steps_per_s * self.batch_size:.0f} ex/s | input wait {self.input_wait:.0%} | ETA {eta}"
+            rate = steps_per_s * self.batch_size
+            speed = f"{rate:.{0 if rate >= 10 else 2}f} ex/s | input wait {self.input_wait:.0%} | ETA {eta}"
         else:
             speed = "ex/s and ETA at the next log step"
         return (f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} "
