@@ -206,11 +206,12 @@ def extract(extractor, variables, source, mesh) -> tuple[np.ndarray, np.ndarray]
 
 def ridge_cache(x: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """What every ridge term's solution shares: the whitening, and X^T X = Q diag(eigs) Q^T (or X X^T
-    with fewer examples than dimensions) so that W(l2) = lhs diag(1 / (eigs + l2)) rhs."""
-    x = np.asarray(x, np.float64)
-    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
+    with fewer examples than dimensions) so that W(l2) = lhs diag(1 / (eigs + l2)) rhs. In float64,
+    a chunk of rows at a time (the features stay as given: ImageNet's fit in float32)."""
+    mean = sum(np.sum(x[i:i + GRAM_CHUNK], 0, dtype=np.float64) for i in range(0, len(x), GRAM_CHUNK)) / len(x)
+    variance = sum(np.sum((x[i:i + GRAM_CHUNK] - mean) ** 2, 0) for i in range(0, len(x), GRAM_CHUNK)) / len(x)
     targets = 2.0 * np.eye(num_classes)[labels] - 1.0
-    cache = {"mean": mean, "std": std}
+    cache = {"mean": mean[None], "std": np.sqrt(variance)[None] + 1e-5}
     if len(x) >= x.shape[1] + 1:
         gram, xty = 0.0, 0.0
         for i in range(0, len(x), GRAM_CHUNK):
