@@ -64,9 +64,10 @@ def unused_accelerator(backend: str, accelerator_files=ACCELERATOR_FILES) -> str
     return None
 
 
-def make_mesh(fsdp: int) -> Mesh:
-    """All devices as (data, fsdp), fsdp the fastest-varying (neighbouring devices share weights)."""
-    devices = jax.devices()
+def make_mesh(fsdp: int, devices=None) -> Mesh:
+    """All devices (or `devices`: a TPU slice described ahead of time, masksub_jax/plan.py) as
+    (data, fsdp), fsdp the fastest-varying (neighbouring devices share weights)."""
+    devices = jax.devices() if devices is None else list(devices)
     if len(devices) % fsdp:
         raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices.")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), ("data", "fsdp"))
