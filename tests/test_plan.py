@@ -1,0 +1,206 @@
+"""masksub_jax.plan: slice names, the chip table, the report's arithmetic, the batch search, a local
+report from this machine's CPU devices, and (with libtpu, CI job 3) the steps compiled for a TPU slice.
+
+The TPU tests need libtpu (the `tpu` extra), which the CPU venv must not have (with it JAX tries the
+TPU first). Without it they are skipped with the reason shown and a warning in pytest's summary;
+with MASKSUB_REQUIRE_TPU_PLAN_TESTS=1 (CI job 3, a venv with the extra) a missing libtpu fails them.
+"""
+import importlib.util
+import math
+import os
+import warnings
+
+import jax
+import pytest
+
+from masksub_jax import config as config_lib
+from masksub_jax import plan
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+REQUIRED = os.environ.get("MASKSUB_REQUIRE_TPU_PLAN_TESTS") == "1"
+NO_TPU_REASON = ("libtpu is not installed: the TPU plan tests run in CI job 3 (.ci/run: a venv with "
+                 "pip install -e '.[tpu]'); they were NOT run here")
+if not HAS_LIBTPU and not REQUIRED:
+    warnings.warn(NO_TPU_REASON, stacklevel=1)
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU and not REQUIRED, reason=NO_TPU_REASON)
+
+
+def test_libtpu_present_where_required():
+    """CI job 3 sets MASKSUB_REQUIRE_TPU_PLAN_TESTS=1: there a missing libtpu is a failure, not a skip."""
+    assert HAS_LIBTPU or not REQUIRED, "MASKSUB_REQUIRE_TPU_PLAN_TESTS=1 but libtpu is not installed: " + NO_TPU_REASON
+
+
+@pytest.mark.parametrize("name, kind, shape", [
+    ("v5p-64", "v5p", (2, 4, 4)), ("v5p-8", "v5p", (2, 2, 1)), ("v4-8", "v4", (2, 2, 1)), ("v4-128", "v4", (4, 4, 4)),
+    ("v5litepod-16", "v5e", (4, 4)), ("v5e-8", "v5e", (2, 4)), ("v6e-256", "v6e", (16, 16)), ("v6e-1", "v6e", (1, 1)),
+    ("v5e:4x4", "v5e", (4, 4)), ("V5P:2x4x4", "v5p", (2, 4, 4)), ("v4:4x4x8", "v4", (4, 4, 8))])
+def test_topology_names(name, kind, shape):
+    target = plan.parse_topology(name)
+    assert (target.chip.name, target.shape, target.chips) == (kind, shape, math.prod(shape))
+
+
+def test_topology_names_count_cores_or_chips():
+    """v4-N and v5p-N count TensorCores (two per chip), v5e and v6e chips; libtpu's names differ."""
+    assert plan.parse_topology("v5p-64").chips == 32 and plan.parse_topology("v5litepod-64").chips == 64
+    assert plan.parse_topology("v5p-64").topology_name == "v5:2x4x4"
+    assert plan.parse_topology("v5litepod-4").topology_name == "v5e:2x2"
+    assert plan.parse_topology("local").chip is None
+
+
+@pytest.mark.parametrize("name, says", [
+    ("v5p-63", "v5p-N with N in 8, 16"), ("v5e-12", "v5e:AxB"), ("v5e:2x2x2", "2D"), ("v4:2x2", "3D"),
+    ("tpu-64", "v4-N or v5p-N"), ("h100-8", "GPUs cannot be planned"), ("gpu", "--topology=local")])
+def test_bad_topology_is_one_line_naming_the_forms(name, says):
+    with pytest.raises(ValueError, match=says) as error:
+        plan.parse_topology(name)
+    assert "\n" not in str(error.value)
+
+
+def test_chip_table():
+    """Cloud TPU's published figures (plan.Chip's docstring cites the pages)."""
+    table = {name: (chip.hbm_bytes / 2**30, chip.peak_flops / 1e12) for name, chip in plan.CHIPS.items()}
+    assert table == {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918)}
+
+
+def test_report_arithmetic():
+    step = plan.StepMemory(arguments=3 * 2**30, outputs=2 * 2**30, aliased=2 * 2**30, temporaries=5 * 2**30)
+    evaluation = plan.StepMemory(arguments=2**30, outputs=0, aliased=0, temporaries=2**30, resident=2 * 2**30)
+    p = plan.Plan(batch=1024, devices=8, mesh={"data": 8, "fsdp": 1}, state_bytes=3 * 2**30,
+                  state_bytes_per_device=3 * 2**30, train=step, eval=evaluation, capacity=16 * 2**30,
+                  peak_flops=200e12, flops=8 * 40e12, xla_flops=45e12, compile_s=1.0)
+    assert step.total == 8 * 2**30 and evaluation.total == 4 * 2**30 and p.needed == 8 * 2**30 and p.fits
+    assert p.step_time(0.5) == pytest.approx(40e12 / 100e12)  # the model's FLOPs per chip at half the peak
+    assert plan.verdict(p) == "Fits: 8.00 GiB to spare per chip."
+    tight = plan.Plan(**{**p.__dict__, "capacity": 6 * 2**30})
+    assert plan.verdict(tight) == "Does not fit by 2.00 GiB per chip." and tight.fits is False
+    lines = "\n".join(plan.format_plan(p, 0.5))
+    assert "400.0 ms per step, 2,560 images/s" in lines and "5.000 TFLOP" in lines
+    no_peak = plan.Plan(**{**p.__dict__, "peak_flops": None, "capacity": None})
+    assert no_peak.step_time(0.5) is None and no_peak.fits is None
+
+
+@pytest.mark.parametrize("start", [8, 64, 96, 4096])
+@pytest.mark.parametrize("limit_bytes", [0, 100, 1000, 5000, 10**6])
+def test_find_batch_on_a_fake_memory_function(start, limit_bytes):
+    """Memory 10 * batch + 40: the largest multiple of 8 that fits, each answer checked by a probe."""
+    probes = {}
+
+    def fits(batch):
+        probes[batch] = 10 * batch + 40 <= limit_bytes
+        return probes[batch]
+    good, bad = plan.find_batch(fits, unit=8, start=start, limit=8192)
+    best = max((b for b in range(8, 8193, 8) if 10 * b + 40 <= limit_bytes), default=None)
+    assert good == best
+    assert good is None or probes[good]
+    assert bad is None or not probes[bad]
+    if good and bad:
+        assert bad == good + 8
+    assert len(probes) <= 2 * math.log2(8192 / 8) + 2
+
+
+def test_find_batch_stops_at_the_limit():
+    assert plan.find_batch(lambda b: True, unit=4, start=4, limit=100) == (100, None)
+
+
+def test_alternatives_name_the_least_change():
+    """Each setting searched alone (fewest micro-batches, smallest fsdp); the combination only if none fits."""
+    c = config_lib.base()
+    c.batch_size = 512
+    tried = []
+
+    def fits_with(changes):
+        tried.append(changes)
+        return changes.get("accum_steps", 1) >= 4 or changes.get("mesh.fsdp", 1) >= 8
+    found = plan.alternatives(c, fits_with, num_devices=16)
+    assert found == [("--config.model.remat=True", False), ("--config.accum_steps=4", True),
+                     ("--config.mesh.fsdp=8", True)]
+    nothing = plan.alternatives(c, lambda changes: False, num_devices=16)
+    assert nothing[-1] == ("--config.model.remat=True --config.accum_steps=32 --config.mesh.fsdp=16", False)
+
+
+def test_data_shape_without_reading_data():
+    c = config_lib.base()
+    assert plan.data_shape(c) == ((224, 224, 3), 1000)  # imagenet2012
+    c.data.source, c.data.num_classes, c.data.image_size = "synthetic", 7, 32
+    assert plan.data_shape(c) == ((32, 32, 3), 7)
+    c.data.source, c.data.name = "tfds", "my_flowers"
+    with pytest.raises(ValueError, match="--num_classes"):
+        plan.data_shape(c)
+    assert plan.data_shape(c, num_classes=102) == ((32, 32, 3), 102)
+
+
+@pytest.fixture
+def test_variants(monkeypatch):
+    """Two ViT sizes for compiling fast: "plan_tiny" (width 64, 1 block) and "plan_wide" (width 512,
+    2 blocks: every sharded dimension a multiple of TPU's 128 lanes, so the layout pads nothing)."""
+    from masksub_jax.models import vit
+    monkeypatch.setitem(vit.VARIANTS, "plan_tiny", (64, 1, 4))
+    monkeypatch.setitem(vit.VARIANTS, "plan_wide", (512, 2, 8))
+
+
+def tiny_vit(**overrides):
+    c = config_lib.base()
+    c.data.source, c.data.num_classes, c.data.image_size = "synthetic", 10, 32
+    c.model.variant = "plan_tiny/8"  # 16 tokens
+    c.batch_size, c.eval_batch_size = 32, 32
+    c.data.repeated_aug = 1
+    return config_lib.override(c, overrides)
+
+
+def test_local_cpu_report(test_variants):
+    """--topology=local on this machine's (8 simulated) CPU devices: the real steps, compiled."""
+    devices = jax.devices()
+    config = tiny_vit()
+    target = plan.parse_topology("local")
+    capacity, peak = plan.capacity_and_peak(target, devices, "float32")
+    p = plan.plan(config, devices, num_classes=10, image_shape=(32, 32, 3), capacity=capacity, peak_flops=peak)
+    assert p.devices == len(devices) and p.fits and p.train.temporaries > 0
+    assert p.state_bytes_per_device == p.state_bytes  # fsdp 1: every device holds the whole state
+    assert p.train.arguments >= p.state_bytes
+    assert p.eval.resident > 0  # the optimizer state stays while the eval step runs
+    assert p.flops == pytest.approx(plan.model_flops(config, 10)) and p.flops > 0
+
+
+def slice_plan(config, num_classes=10, topology="v5e:2x2", **kwargs):
+    target = plan.parse_topology(topology)
+    devices = plan.slice_devices(target)
+    return plan.plan(config, devices, num_classes=num_classes, image_shape=(32, 32, 3),
+                     capacity=target.chip.hbm_bytes, peak_flops=target.chip.peak_flops, **kwargs)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("fsdp", [4, 1])
+def test_tpu_argument_bytes_are_the_state_over_the_chips(test_variants, fsdp):
+    """On v5e:2x2 (4 chips) with fsdp 4 each chip holds a quarter of the state, with fsdp 1 all of it,
+    as XLA's TPU buffer assignment reports (within 5%: the batch, the small replicated leaves and the
+    patch embedding's 3 channels padded to 8)."""
+    config = tiny_vit(**{"mesh.fsdp": fsdp, "model.variant": "plan_wide/8", "data.num_classes": 128})
+    p = slice_plan(config, num_classes=128, evaluate=False)
+    assert p.devices == 4 and p.mesh == {"data": 4 // fsdp, "fsdp": fsdp}
+    assert p.train.arguments == pytest.approx(p.state_bytes / fsdp, rel=0.05)
+    assert p.state_bytes_per_device == pytest.approx(p.state_bytes / fsdp, rel=0.05)
+    assert p.fits and p.xla_flops > 0
+
+
+@needs_libtpu
+def test_tpu_find_batch_is_monotone(test_variants):
+    """Against a small HBM: the batch it finds fits per its own report and the next one (by its unit)
+    does not. XLA's TPU memory is not monotone in the batch on a model this small (measured with
+    plan_tiny: 10.0, 9.5 and 9.0 MiB at batches 32, 64 and 128; its scheduler trades temporaries), so
+    the answers are checked against the reports, not against a formula."""
+    config = tiny_vit(**{"eval_batch_size": 4})
+    reports = {}
+
+    def report(batch):
+        if batch not in reports:
+            reports[batch] = slice_plan(config_lib.override(config.copy_and_resolve_references(),
+                                                            {"batch_size": batch}), evaluate=False)
+        return reports[batch]
+    capacity = (report(256).train.total + report(512).train.total) // 2
+    good, bad = plan.find_batch(lambda b: report(b).train.total <= capacity, unit=64, start=256, limit=4096)
+    assert good is not None or bad is not None
+    assert good is None or reports[good].train.total <= capacity
+    assert bad is None or reports[bad].train.total > capacity
+    if good is not None and bad is not None:
+        assert bad - good == 64
+    assert len(reports) <= 6
