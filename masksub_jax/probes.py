@@ -17,14 +17,15 @@ of X^T X (or X X^T when there are fewer shots than dimensions), and top-1 on the
 per set and shot count: eval/NAME_Kshot/top1 (mean over the draws) and top1_std.
 One change: big_vision fixes the ridge term (2^10); here it is chosen per draw from probes.l2_grid
 by top-1 on held-out training examples (ties: by squared error), the last probes.heldout_per_class
-of each class's permutation (never among the shots). A grid of one value is big_vision's protocol
-exactly.
+of each class's permutation (never among the shots; a class with too few examples gives the shots
+it has, and the trainer says so). A grid of one value is big_vision's protocol exactly.
 
 Linear probe on the full training split (probes.linear): the same closed-form ridge on all training
-features (l2 chosen on a held-out tenth of each class, then refit on all of them): eval/NAME_linear/top1.
-It is a least-squares classifier, not the softmax classifier trained by SGD or L-BFGS that MAE's
-linear probing or CLIP's logistic regression report; it ranks representations and costs one
-eigendecomposition, but its numbers are not theirs.
+features (l2 chosen on a held-out tenth of each class, at least probes.heldout_per_class, with the
+ridge fitted on the rest; then refit on all): eval/NAME_linear/top1. It is a least-squares
+classifier, not the softmax classifier trained by SGD or L-BFGS that MAE's linear probing or CLIP's
+logistic regression report; it ranks representations and costs two eigendecompositions of a D x D
+matrix, but its numbers are not theirs.
 
 kNN (probes.knn): DINO's weighted kNN (facebookresearch/dino eval_knn.py, knn_classifier): features
 L2-normalised, the k = probes.knn_k most cosine-similar training examples vote for their class with
@@ -50,6 +51,7 @@ from masksub_jax import models, sharding
 from masksub_jax import step as step_lib
 
 BIAS_CONSTANT = 100.0  # big_vision fewshot_lsr.py: the bias feature, large so its weight is barely regularised
+BIG_VISION_L2 = 2.0**10  # big_vision configs/common_fewshot.py's fixed ridge term
 GRAM_CHUNK = 65536  # rows of features per float64 chunk of X^T X
 
 
@@ -252,9 +254,11 @@ def _held_out_scores(cache: dict, x: np.ndarray, labels: np.ndarray, l2s) -> tup
 def choose_l2(cache: dict, x: np.ndarray, labels: np.ndarray, l2_grid) -> float:
     """The ridge term of `l2_grid` with the best top-1 on the held-out (x, labels); of equals (a few
     held-out examples often tie), the one with the least squared error against their +-1 targets. A
-    grid of one value is that value."""
+    grid of one value is that value; no held-out examples, big_vision's 2^10."""
     if len(l2_grid) == 1:
         return float(l2_grid[0])
+    if not len(labels):  # no class had an example to hold out
+        return BIG_VISION_L2
     accuracies, errors = _held_out_scores(cache, x, labels, l2_grid)
     return float(l2_grid[min(range(len(l2_grid)), key=lambda i: (-accuracies[i], errors[i]))])
 

@@ -61,6 +61,7 @@ def test_the_ridge_term_is_the_best_on_held_out_examples_ties_by_squared_error()
     assert len({r[0] for r in ranking}) > 1 and len([r for r in ranking if r[0] == min(ranking)[0]]) > 1  # ties
     assert probes.choose_l2(cache, held, held_labels, grid) == min(ranking)[2]
     assert probes.choose_l2(cache, held, held_labels, (3.0,)) == 3.0
+    assert probes.choose_l2(cache, held[:0], held_labels[:0], grid) == 2.0**10  # nothing held out: big_vision's
 
 
 def test_shots_are_big_visions_draws_and_never_held_out():
