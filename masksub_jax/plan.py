@@ -303,6 +303,7 @@ class Plan:
     flops: float | None  # model FLOPs per step, whole batch
     xla_flops: float | None  # XLA's count for one device's program
     compile_s: float
+    out_of_memory: str | None = None  # XLA's TPU compiler refused the step: its message
 
     @property
     def needed(self) -> int:
@@ -310,6 +311,8 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
+        if self.out_of_memory:
+            return False
         return None if self.capacity is None else self.needed <= self.capacity
 
     def step_time(self, mfu: float) -> float | None:
@@ -338,9 +341,21 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
                          in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     batch = train_batch_spec(config, config.batch_size, image_shape)
-    compiled = train_step.lower(_placed(abstract_state, state_sharding),
-                                _placed(batch, jax.tree.map(lambda _: batch_sharding, batch)),
-                                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)).compile()
+    batch_shardings = jax.tree.map(lambda _: batch_sharding, batch)
+    lowered = train_step.lower(_placed(abstract_state, state_sharding), _placed(batch, batch_shardings),
+                               jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that cannot fit its HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = " ".join(str(e).split())
+        train = StepMemory(arguments=state_per_device + bytes_per_device(batch, batch_shardings), outputs=0,
+                           aliased=0, temporaries=_required_temporaries(message))
+        return Plan(batch=config.batch_size, devices=len(devices), mesh=dict(mesh.shape), state_bytes=state_bytes,
+                    state_bytes_per_device=state_per_device, train=train, eval=None, capacity=capacity,
+                    peak_flops=peak_flops, flops=model_flops(config, num_classes), xla_flops=None,
+                    compile_s=time.perf_counter() - start, out_of_memory=message)
     train = StepMemory.of(compiled)
     xla_flops = _xla_flops(compiled)
     evaluation = None
@@ -358,6 +373,13 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
                 state_bytes_per_device=state_per_device, train=train, eval=evaluation, capacity=capacity,
                 peak_flops=peak_flops, flops=model_flops(config, num_classes), xla_flops=xla_flops,
                 compile_s=time.perf_counter() - start)
+
+
+def _required_temporaries(message: str) -> int:
+    """The temporaries' bytes in XLA's out-of-memory message ("... required for HLO temporaries
+    (32.14G) exceeds available HBM (15.75G)"); 0 where it names none."""
+    m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+    return int(float(m[1]) * 1024 ** "KMGT".index(m[2]) * 1024) if m else 0
 
 
 def _xla_flops(compiled) -> float | None:
@@ -455,7 +477,7 @@ def _flags(changes: dict) -> str:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB // 10 or n == 0 else f"{n / 2**20:.2f} MiB"
 
 
 def format_plan(p: Plan, mfu: float) -> list[str]:
@@ -485,6 +507,9 @@ def format_plan(p: Plan, mfu: float) -> list[str]:
 
 
 def verdict(p: Plan) -> str:
+    if p.out_of_memory:
+        said = p.out_of_memory.partition("RESOURCE_EXHAUSTED: ")[2] or p.out_of_memory
+        return f"Does not fit: XLA's TPU compiler ran out of HBM: {said}"
     if p.fits is None:
         return "Fit unknown: JAX reports no memory limit for this device."
     if p.fits:
@@ -524,16 +549,21 @@ def _plan_command(f) -> None:
     print(f"Target: {f.topology} = {target.describe() if target.chip else sharding.describe_devices()}", flush=True)
     common = dict(num_classes=num_classes, image_shape=image_shape, capacity=capacity, peak_flops=peak)
     base = plan(config, devices, **common)
-    print(f"Compiled the train and eval steps in {base.compile_s:.1f} s (jax {jax.__version__}).")
+    print(f"XLA's TPU compiler refused the train step in {base.compile_s:.1f} s: out of HBM (jax {jax.__version__})."
+          if base.out_of_memory else f"Compiled the train and eval steps in {base.compile_s:.1f} s (jax "
+          f"{jax.__version__}).")
     print("\n".join(format_plan(base, f.mfu)))
     print(verdict(base), flush=True)
     eval_needs = base.eval.total if base.eval else 0
 
     def fits_with(changes: dict) -> bool:
+        if changes == {"batch_size": config.batch_size}:  # the plan above
+            return bool(base.fits)
         changed = with_changes(config, **changes)
         p = plan(changed, devices, **common, evaluate="mesh.fsdp" in changes)
-        ok = max(p.train.total, p.eval.total if p.eval else eval_needs) <= capacity
-        print(f"  {_flags(changes)}: needs {_gib(max(p.train.total, p.eval.total if p.eval else eval_needs))}"
+        needs = max(p.train.total, p.eval.total if p.eval else eval_needs)
+        ok = p.out_of_memory is None and needs <= capacity
+        print(f"  {_flags(changes)}: needs {'more than ' if p.out_of_memory else ''}{_gib(needs)}"
               f" -> {'fits' if ok else 'does not fit'}", flush=True)
         return ok
 

@@ -79,6 +79,20 @@ def test_report_arithmetic():
     assert no_peak.step_time(0.5) is None and no_peak.fits is None
 
 
+def test_out_of_memory_from_the_compiler():
+    """XLA's TPU compiler refuses a step that cannot fit (measured: ViT-B/16 batch 2048 on v5e-8 at the
+    lowest optimisation effort); the plan says so with the compiler's figures."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(32.14G) exceeds available HBM (15.75G).")
+    assert plan._required_temporaries(message) == int(32.14 * 2**30)
+    step = plan.StepMemory(arguments=2**30, outputs=0, aliased=0, temporaries=plan._required_temporaries(message))
+    p = plan.Plan(batch=2048, devices=8, mesh={"data": 8, "fsdp": 1}, state_bytes=2**30, state_bytes_per_device=2**30,
+                  train=step, eval=None, capacity=16 * 2**30, peak_flops=197e12, flops=None, xla_flops=None,
+                  compile_s=1.0, out_of_memory=message)
+    assert p.fits is False and p.needed > p.capacity
+    assert plan.verdict(p).endswith("exceeds available HBM (15.75G).") and "\n" not in plan.verdict(p)
+
+
 @pytest.mark.parametrize("start", [8, 64, 96, 4096])
 @pytest.mark.parametrize("limit_bytes", [0, 100, 1000, 5000, 10**6])
 def test_find_batch_on_a_fake_memory_function(start, limit_bytes):
