@@ -51,6 +51,7 @@ from masksub_jax import config as config_lib  # noqa: E402
 from masksub_jax import masksub, models  # noqa: E402
 from masksub_jax import step as step_lib  # noqa: E402
 from masksub_jax.augment import spec  # noqa: E402
+from masksub_jax.flops import peak_flops, step_flops  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
                                 lock_config=True)
@@ -73,37 +74,6 @@ flags.DEFINE_list("augment_on", ["host"], "input: where the per-pixel ops run, h
 flags.DEFINE_integer("files", 100_000, "listing: files in the tree.")
 flags.DEFINE_string("data_dir", os.path.join(os.path.expanduser("~"), ".cache", "masksub_jax", "generated"),
                     "input: where the generated JPEG data set is built (once).")
-
-# Dense matmul peak FLOP/s by device kind and dtype (vendor data sheets; float32 on NVIDIA means TF32).
-PEAK_FLOPS = {
-    "H100": {"bfloat16": 989e12, "float32": 494e12},
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-}
-
-
-def step_flops(config, num_classes: int) -> float | None:
-    """FLOPs of one train step: 3x the forward of the main and (if any) the sub-branch. None where the
-    model family counts no FLOPs (then XLA's count is all there is)."""
-    c, family = config, models.of(config)
-    if not hasattr(family, "forward_flops"):
-        return None
-    flops = family.forward_flops(c, num_classes)
-    if c.masksub.mode != "none" and c.masksub.ratio > 0:
-        kept = masksub.num_kept(family.num_units(c), c.masksub.ratio) if c.masksub.mode == "masking" else None
-        flops += family.forward_flops(c, num_classes, kept)
-    return 3 * c.batch_size * flops
-
-
-def peak_flops(device, dtype: str) -> float | None:
-    for kind, peaks in PEAK_FLOPS.items():
-        if kind.lower() in device.device_kind.lower():
-            return peaks[dtype]
-    return None
-
 
 def _xla_flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
@@ -166,7 +136,7 @@ def measure_steps(config, modes, *, ratio: float, num_classes: int, rounds: int,
             times[mode].append(runner.timed_step())
 
     device = jax.devices()[0]
-    peak = peak_flops(device, config.model.dtype)
+    peak = peak_flops(device.device_kind, config.model.dtype)
     results = []
     for mode, runner in runners.items():
         step_s = float(np.median(times[mode]))

@@ -57,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from masksub_jax import config as config_lib
-from masksub_jax import masksub, models, sharding
+from masksub_jax import flops as flops_lib
+from masksub_jax import models, sharding
 from masksub_jax import step as step_lib
 from masksub_jax.augment import spec
 
@@ -82,11 +83,12 @@ class Chip:
     chip_config: str  # "megacore": one JAX device per chip of two TensorCores (as on the real slice)
 
 
+_PEAK = {kind: peaks["bfloat16"] for kind, peaks in flops_lib.PEAK_FLOPS.items()}
 CHIPS = {
-    "v4": Chip("v4", "v4", "TPU v4", 32 * GiB, 275e12, 2, 3, "megacore"),
-    "v5p": Chip("v5p", "v5", "TPU v5", 95 * GiB, 459e12, 2, 3, "megacore"),
-    "v5e": Chip("v5e", "v5e", "TPU v5 lite", 16 * GiB, 197e12, 1, 2, "default"),
-    "v6e": Chip("v6e", "v6e", "TPU v6 lite", 32 * GiB, 918e12, 1, 2, "default"),
+    "v4": Chip("v4", "v4", "TPU v4", 32 * GiB, _PEAK["TPU v4"], 2, 3, "megacore"),
+    "v5p": Chip("v5p", "v5", "TPU v5", 95 * GiB, _PEAK["TPU v5"], 2, 3, "megacore"),
+    "v5e": Chip("v5e", "v5e", "TPU v5 lite", 16 * GiB, _PEAK["TPU v5 lite"], 1, 2, "default"),
+    "v6e": Chip("v6e", "v6e", "TPU v6 lite", 32 * GiB, _PEAK["TPU v6 lite"], 1, 2, "default"),
 }
 KIND_ALIASES = {"v5litepod": "v5e"}
 
@@ -105,12 +107,6 @@ FORMS = ("v4-N or v5p-N (N TensorCores, two per chip: v5p-64 is 32 chips), v5lit
 # Classes of the TFDS data sets whose size is known without reading them.
 KNOWN_CLASSES = {"imagenet2012": 1000, "imagenet2012_real": 1000, "imagenet_v2": 1000, "imagenette": 10}
 KNOWN_TRAIN_EXAMPLES = {"imagenet2012": 1_281_167}
-
-# Dense matmul peaks of GPUs for --topology=local (vendor data sheets; float32 means TF32), the same
-# figures as bench.PEAK_FLOPS.
-LOCAL_PEAKS = {"H100": {"bfloat16": 989e12, "float32": 494e12}, "H200": {"bfloat16": 989e12, "float32": 494e12},
-               "A100": {"bfloat16": 312e12, "float32": 156e12}}
-
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -207,8 +203,7 @@ def capacity_and_peak(target: Target, devices: list, dtype: str) -> tuple[int | 
     chip = next((c for c in CHIPS.values() if c.device_kind.lower() == device.device_kind.lower()), None)
     if chip is not None:
         return capacity, chip.peak_flops
-    peak = next((p[dtype] for kind, p in LOCAL_PEAKS.items() if kind.lower() in device.device_kind.lower()), None)
-    return capacity, peak
+    return capacity, flops_lib.peak_flops(device.device_kind, dtype)
 
 
 def data_shape(config, num_classes: int | None = None) -> tuple[tuple, int]:
@@ -251,20 +246,6 @@ def bytes_per_device(specs, shardings) -> int:
     """Bytes one device holds of arrays laid out by `shardings` (the largest shard: uneven splits)."""
     return sum(math.prod(sh.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
                for s, sh in zip(jax.tree.leaves(specs), jax.tree.leaves(shardings)))
-
-
-def model_flops(config, num_classes: int) -> float | None:
-    """FLOPs of one train step of the global batch as `bench.step_flops` counts them (3x the forward
-    of the main and sub-branch); None where the family counts none."""
-    family = models.of(config)
-    if not hasattr(family, "forward_flops"):
-        return None
-    flops = family.forward_flops(config, num_classes)
-    if config.masksub.mode != "none" and config.masksub.ratio > 0:
-        kept = (masksub.num_kept(family.num_units(config), config.masksub.ratio)
-                if config.masksub.mode == "masking" else None)
-        flops += family.forward_flops(config, num_classes, kept)
-    return 3 * config.batch_size * flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +335,7 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
                            aliased=0, temporaries=_required_temporaries(message))
         return Plan(batch=config.batch_size, devices=len(devices), mesh=dict(mesh.shape), state_bytes=state_bytes,
                     state_bytes_per_device=state_per_device, train=train, eval=None, capacity=capacity,
-                    peak_flops=peak_flops, flops=model_flops(config, num_classes), xla_flops=None,
+                    peak_flops=peak_flops, flops=flops_lib.step_flops(config, num_classes), xla_flops=None,
                     compile_s=time.perf_counter() - start, out_of_memory=message)
     train = StepMemory.of(compiled)
     xla_flops = _xla_flops(compiled)
@@ -371,7 +352,7 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
         evaluation = StepMemory.of(eval_compiled, resident=not_taken)
     return Plan(batch=config.batch_size, devices=len(devices), mesh=dict(mesh.shape), state_bytes=state_bytes,
                 state_bytes_per_device=state_per_device, train=train, eval=evaluation, capacity=capacity,
-                peak_flops=peak_flops, flops=model_flops(config, num_classes), xla_flops=xla_flops,
+                peak_flops=peak_flops, flops=flops_lib.step_flops(config, num_classes), xla_flops=xla_flops,
                 compile_s=time.perf_counter() - start)
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from masksub_jax import bench, models
+from masksub_jax import bench, flops, models
 from masksub_jax.models import swin
 from tests.conftest import tiny_digits_config
 
@@ -37,20 +37,20 @@ def test_counted_forward_flops_match_xla(family, variant, image_size, keep, monk
 def test_masksub_step_costs_about_one_and_a_half_baseline_steps():
     config = tiny_digits_config("/unused", **{"model.variant": "S/16", "data.image_size": 224,
                                               "data.mean": (0.5,) * 3, "data.std": (0.5,) * 3})
-    masked = bench.step_flops(config, 1000)
+    masked = flops.step_flops(config, 1000)
     config.masksub.mode = "none"
-    assert masked / bench.step_flops(config, 1000) == pytest.approx(1.49, abs=0.01)
+    assert masked / flops.step_flops(config, 1000) == pytest.approx(1.49, abs=0.01)
     config.masksub.mode = "droppath"
-    assert bench.step_flops(config, 1000) / masked == pytest.approx(2 / 1.49, abs=0.01)
+    assert flops.step_flops(config, 1000) / masked == pytest.approx(2 / 1.49, abs=0.01)
 
 
 def test_a_resnet_masksub_step_costs_two_baseline_steps():
     """Zeroed squares are convolved like any other pixels."""
     config = tiny_digits_config("/unused", **{"model.family": "resnet", "model.variant": "50",
                                               "data.image_size": 224, "data.mean": (0.5,) * 3, "data.std": (0.5,) * 3})
-    masked = bench.step_flops(config, 1000)
+    masked = flops.step_flops(config, 1000)
     config.masksub.mode = "none"
-    assert masked / bench.step_flops(config, 1000) == pytest.approx(2.0)
+    assert masked / flops.step_flops(config, 1000) == pytest.approx(2.0)
     assert models.of(config).forward_flops(config, 1000) == pytest.approx(2 * 4.1e9, rel=0.02)  # timm: 4.1 GMACs
 
 

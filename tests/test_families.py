@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from masksub_jax import bench, convert, models, train
 from masksub_jax import config as config_lib
+from masksub_jax import convert, flops, models, train
 from tests.conftest import tiny_digits_config
 
 
@@ -18,7 +18,7 @@ def test_a_family_from_outside_the_package_trains_with_masksub(tmp_path, digits_
              if '"train/loss_sub"' in line]
     assert summary["step"] == 20 and lines[-1]["train/loss_main"] < lines[0]["train/loss_main"]
     assert lines[-1]["train/loss_sub"] == lines[-1]["train/loss_sub"]  # the sub-branch ran: not NaN
-    assert bench.step_flops(config, 10) is None  # no forward_flops: bench falls back to XLA's count
+    assert flops.step_flops(config, 10) is None  # no forward_flops: bench falls back to XLA's count
 
 
 def test_unknown_and_incomplete_families_are_named(monkeypatch):

@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from masksub_jax import config as config_lib
-from masksub_jax import plan
+from masksub_jax import flops, plan
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 REQUIRED = os.environ.get("MASKSUB_REQUIRE_TPU_PLAN_TESTS") == "1"
@@ -172,7 +172,7 @@ def test_local_cpu_report(test_variants):
     assert p.state_bytes_per_device == p.state_bytes  # fsdp 1: every device holds the whole state
     assert p.train.arguments >= p.state_bytes
     assert p.eval.resident > 0  # the optimizer state stays while the eval step runs
-    assert p.flops == pytest.approx(plan.model_flops(config, 10)) and p.flops > 0
+    assert p.flops == pytest.approx(flops.step_flops(config, 10)) and p.flops > 0
 
 
 def slice_plan(config, num_classes=10, topology="v5e:2x2", **kwargs):
