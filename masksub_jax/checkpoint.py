@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 
 import jax
@@ -368,19 +369,25 @@ _FAILED_READS: set[str] = set()  # the step folders whose read failed and was re
 def _silence_echoes_of(item: str) -> None:
     """A failed Orbax read of `item` leaves TensorStore reads in flight: later, each of them reports
     its own error on that folder as an asyncio task's "exception never retrieved", and their callbacks
-    into Orbax's closed event loop print "Event loop is closed" tracebacks (sys.unraisablehook),
-    hundreds of lines after the reader has named the damage in one. Those two, and only those, are
-    dropped."""
+    into Orbax's closed event loop print "Event loop is closed" tracebacks (through sys.unraisablehook,
+    or, from TensorStore's threads under load, sys.excepthook and threading.excepthook), hundreds of
+    lines after the reader has named the damage in one. Those, and only those, are dropped."""
     _FAILED_READS.update({item, os.path.abspath(item)} if "://" not in item else {item})
     if getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
         return
-    previous = sys.unraisablehook
 
-    def hook(unraisable):
-        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-    hook.drops_closed_loop_callbacks = True
-    sys.unraisablehook = hook
+    def closed_loop(error) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    def dropping(hook, error_of):
+        def drop(*args):
+            if not closed_loop(error_of(*args)):
+                hook(*args)
+        drop.drops_closed_loop_callbacks = True
+        return drop
+    sys.unraisablehook = dropping(sys.unraisablehook, lambda unraisable: unraisable.exc_value)
+    sys.excepthook = dropping(sys.excepthook, lambda kind, error, trace: error)
+    threading.excepthook = dropping(threading.excepthook, lambda args: args.exc_value)
 
     class ReportedAlready(logging.Filter):
         def filter(self, record):
