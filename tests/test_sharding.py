@@ -149,24 +149,24 @@ def test_batches_are_the_same_whatever_the_devices_and_processes(digits_dir):
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key], err_msg=key)
 
 
-def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
+def test_two_processes_resume_three_times_in_a_row(digits_dir, tmp_path):
     """Every process reads the workdir's records at start while process 0 writes them (config.json,
-    resumes.jsonl, summary.json): never a crash, and the records stay whole. On the way, the README's
-    promises for two processes: a damaged newest checkpoint is set aside by both, and a SIGTERM to
-    one process saves one checkpoint at a step both agree on and ends both with 75."""
+    resumes.jsonl, summary.json, sessions.jsonl): never a crash, and the records stay whole. On the
+    way, the README's promises for two processes: a damaged newest checkpoint is set aside by both,
+    and a SIGTERM to one process saves one checkpoint at a step both agree on and ends both with 75."""
     workdir = str(tmp_path / "w")
     base = {**OVERRIDES, "log_every_steps": 2, "checkpoint_every_steps": 2}
-    for run, total in enumerate((2, 4, 6, 8, 10)):
-        if total == 8:
-            flip_one_bit_in_an_array(os.path.join(workdir, "checkpoints", "6"))
+    for run, total in enumerate((2, 4, 6)):
+        if total == 6:
+            flip_one_bit_in_an_array(os.path.join(workdir, "checkpoints", "4"))
         procs = _start_two_processes(workdir, digits_dir, {**base, "total_steps": total})
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], f"run {run}:\n" + outputs[0][-2000:] + outputs[1][-2000:]
         if run:
-            resumed_at = 4 if total == 8 else total - 2
+            resumed_at = 2
             assert f"Resuming from the checkpoint of step {resumed_at}" in outputs[0], outputs[0][-2000:]
-        if total == 8:
-            assert "the checkpoint of step 6 is damaged: 1 array(s) do not match the checksums" in outputs[0]
+        if total == 6:
+            assert "the checkpoint of step 4 is damaged: 1 array(s) do not match the checksums" in outputs[0]
     assert len(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == 1
 
     procs = _start_two_processes(workdir, digits_dir, {**base, "total_steps": 100000, "log_every_steps": 1})
@@ -181,14 +181,14 @@ def test_two_processes_resume_five_times_in_a_row(digits_dir, tmp_path):
 
     with open(os.path.join(workdir, "resumes.jsonl"), encoding="utf-8") as f:
         resumes = [json.loads(line) for line in f]
-    assert [r["step"] for r in resumes] == [2, 4, 4, 8, 10]
+    assert [r["step"] for r in resumes] == [2, 2, 6]
     assert resumes[-1]["changed"] == {"total_steps": 100000, "log_every_steps": 1}
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         logged = [m["step"] for m in map(json.loads, f) if "train/loss" in m]
-    assert logged == sorted(set(logged)) and logged[:5] == [2, 4, 6, 8, 10]
-    # Every session's time is kept; the resume from step 4 (step 6 damaged) trained 2 steps again.
+    assert logged == sorted(set(logged)) and logged[:3] == [2, 4, 6]
+    # Every session's time is kept; the resume from step 2 (step 4 damaged) trained 2 steps again.
     sessions = goodput.read(workdir)
-    assert [(s["start_step"], s["step"]) for s in sessions] == [(0, 2), (2, 4), (4, 6), (4, 8), (8, 10), (10, saved[0])]
+    assert [(s["start_step"], s["step"]) for s in sessions] == [(0, 2), (2, 4), (2, 6), (6, saved[0])]
     assert goodput.summarize(sessions)["redone_steps"] == 2
 
 
