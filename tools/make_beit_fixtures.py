@@ -22,31 +22,20 @@ the logits of a seeded image.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from make_resnet_fixtures import import_timm  # noqa: E402  (timm's torchvision workaround)
+
 OUT = os.path.join(REPO, "tests", "fixtures", "beit_parity.npz")
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10, use_abs_pos_emb=False,
             use_rel_pos_bias=True, init_values=0.1, global_pool="avg")
 BATCH, KEEP = 4, 8  # 16 patch tokens, 8 kept
-
-
-def import_timm():
-    """timm imports torchvision, and a torchvision build without its CPU operators fails to import
-    unless the schemas it registers kernels for (torchvision::nms, ::qnms) exist first."""
-    library = torch.library.Library("torchvision", "DEF")  # noqa: F841  (kept alive while timm imports)
-    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-        try:
-            library.define(schema)
-        except RuntimeError:
-            pass  # this torchvision defines it
-    import timm
-    import_timm.library = library
-    return timm
 
 
 def randomised(model, generator):

@@ -18,33 +18,22 @@ Stored: the model's weights (state-dict names), the images as uint8 (N, 16, 16, 
 WordNet id of each image's folder, timm's restricted logits (N, 200) and its top-1 / top-5 (percent).
 """
 import os
+import sys
 import tempfile
 
 import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from make_resnet_fixtures import import_timm  # noqa: E402  (timm's torchvision workaround)
+
 OUT = os.path.join(REPO, "tests", "fixtures", "valid_labels_parity.npz")
 ARCH = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, qkv_bias=True,
             num_classes=1000, global_pool="token", class_token=True, no_embed_class=True, init_values=1e-4)
 NUM_IMAGES, SIZE = 40, 16
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RANKS = (0, 2, 49, 199)  # which of the set's classes, in the model's order, image i % 4 belongs to
-
-
-def import_timm():
-    """timm imports torchvision, and a torchvision build without its CPU operators fails to import
-    unless the schemas it registers kernels for (torchvision::nms, ::qnms) exist first."""
-    library = torch.library.Library("torchvision", "DEF")  # noqa: F841  (kept alive while timm imports)
-    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-        try:
-            library.define(schema)
-        except RuntimeError:
-            pass  # this torchvision defines it
-    import timm
-    import_timm.library = library
-    return timm
 
 
 def randomised(model, generator):

@@ -225,27 +225,10 @@ def num_units(config) -> int:
     return vit.num_patches(config.data.image_size, parse_variant(config.model.variant)[3])
 
 
-def layer_ids(params) -> dict:
-    """Each parameter's layer for layer-wise lr decay, as BEiT's get_num_layer_for_vit (unilm
-    beit2/optim_factory.py): 0 cls_token and patch_embed, i + 1 block i, depth + 1 the rest (fc_norm, head)."""
-    depth = sum(1 for name in params if name.startswith("blocks_"))
-
-    def layer(path, _):
-        top = getattr(path[0], "key", str(path[0]))
-        if top in ("patch_embed", "cls_token"):
-            return 0
-        return int(top.removeprefix("blocks_")) + 1 if top.startswith("blocks_") else depth + 1
-    return jax.tree_util.tree_map_with_path(layer, params)
-
-
-def forward_flops(config, num_classes: int, kept_units: int | None = None) -> float:
-    """Matmul FLOPs of one image's forward pass; `kept_units` patch tokens enter the blocks."""
-    width, depth, _, patch = parse_variant(config.model.variant)
-    patches = num_units(config)
-    n = 1 + (patches if kept_units is None else kept_units)
-    embed = 2 * patches * patch * patch * len(config.data.mean) * width
-    block = 24 * n * width * width + 4 * n * n * width  # qkv, proj, mlp; scores and weighted sum
-    return embed + depth * block + 2 * width * num_classes
+# BEiT's get_num_layer_for_vit (unilm beit2/optim_factory.py) is ViT's: 0 cls_token and patch_embed, i + 1
+# block i, depth + 1 the rest (fc_norm, head); and its matmuls are ViT's (the relative position bias is an add).
+layer_ids = vit.layer_ids
+forward_flops = vit.forward_flops
 
 
 # --------------------------------------------------------------------------------------------------
