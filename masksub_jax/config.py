@@ -77,16 +77,16 @@ def base() -> ml_collections.ConfigDict:
     c.model.family = "vit"  # vit | swin | resnet | the import path of your own family (masksub_jax/models/__init__.py)
     # The family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4; ResNet 50, 101, 152.
     c.model.variant = "S/16"
-    c.model.drop_path = 0.0  # ViT: every block's; Swin, ResNet: the last block's, rising linearly from 0
+    c.model.drop_path = 0.0  # ViT: every block's; Swin, ResNet, BEiT: the last block's, rising linearly from 0
     c.model.dropout = 0.0
-    c.model.layerscale_init = 1e-4  # ViT only; 0 = no LayerScale (MAE)
-    # ViT only: "token" (DeiT-III: the final-LN cls token) | "avg" (MAE: patch mean, then fc_norm) |
+    c.model.layerscale_init = 1e-4  # ViT and BEiT (0.1); 0 = no LayerScale (MAE, CLIP)
+    # ViT: "token" (DeiT-III: the final-LN cls token) | "avg" (MAE, and BEiT's only: patch mean, then fc_norm) |
     # "normed_avg" (FT-CLIP: the final LN on each patch token, then their mean)
     c.model.pool = "token"
     c.model.pre_norm = False  # ViT only: CLIP's tower (a LayerNorm before the blocks, no patch-embedding bias)
     c.model.act = "gelu"  # ViT only: the MLP's activation, "gelu" | "quick_gelu" (OpenAI CLIP)
     c.model.norm_eps = 1e-6  # ViT only: every LayerNorm's epsilon (CLIP: 1e-5)
-    c.model.head_init_std = 0.02  # MAE fine-tuning: 2e-5
+    c.model.head_init_std = 0.02  # ViT and BEiT; MAE, BEiT and FT-CLIP fine-tuning: 2e-5
     # ResNet only: BatchNorm statistics over groups of this many examples (the official RSB runs: 256,
     # one GPU's batch, no SyncBN), the same on any number of devices; 0 = over the whole batch.
     c.model.bn_group_size = 0
