@@ -74,8 +74,10 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "vit"  # vit | swin | resnet | the import path of your own family (masksub_jax/models/__init__.py)
-    # The family's: ViT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4; ResNet 50, 101, 152.
+    # vit | beit | swin | resnet | the import path of your own family (masksub_jax/models/__init__.py)
+    c.model.family = "vit"
+    # The family's: ViT and BEiT NAME/PATCH, NAME in mu, Ti, S, B, L, H; Swin T/4, S/4, B/4; ResNet 18, 34,
+    # 50, 101, 152.
     c.model.variant = "S/16"
     c.model.drop_path = 0.0  # ViT: every block's; Swin, ResNet, BEiT: the last block's, rising linearly from 0
     c.model.dropout = 0.0
