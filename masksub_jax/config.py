@@ -508,6 +508,12 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     steps = tuple(c.profile.steps)
     _require(steps == () or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 0 <= steps[0] < steps[1]),
              "profile.steps", c.profile.steps, "give (first, last) with 0 <= first < last, e.g. (10, 15); () = none")
+    _require(not steps or c.total_steps is None or steps[1] <= c.total_steps, "profile.steps", c.profile.steps,
+             f"ends after the run's total_steps={c.total_steps}")
+    if training and c.wandb.project and c.wandb.mode != "disabled":
+        import importlib.util
+        _require(importlib.util.find_spec("wandb") is not None, "wandb.project", c.wandb.project,
+                 "needs wandb: pip install 'masksub_jax[wandb]' (or leave wandb.project unset)")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(c[key] >= 1, key, c[key], "must be >= 1")
     _require(c.eval_every_steps >= 0, "eval_every_steps", c.eval_every_steps, "must be >= 0 (0 = at the end)")

@@ -54,6 +54,26 @@ def check(config, path: str | None = None, *, flag: str = "config.init_from") ->
                                f"{METADATA} or Orbax _METADATA). {TAKES}.")
 
 
+# Config keys that converted weights imply (convert's detect) and that change what the model computes.
+IMPLIED_KEYS = ("model.pre_norm", "model.act", "model.norm_eps", "model.pool")
+
+
+def implied_differences(config, path: str) -> list[str]:
+    """One line for each key that the converted weights at `path` imply (their METADATA "config":
+    e.g. a CLIP tower's QuickGELU) and the config sets otherwise; the config's value is used."""
+    if not workdir_lib.path(path).is_dir() or (workdir_lib.path(path) / "checkpoints").is_dir():
+        return []  # a weight file (refused elsewhere), or a workdir: its config is the config that trained it
+    implied = (read_metadata(path) or {}).get("config") or {}
+    return [f"init_from: the weights imply {key}={implied[key]!r}, the config has {_value(config, key)!r}; "
+            f"training with the config's (--config.{key}={implied[key]} for the weights')"
+            for key in IMPLIED_KEYS if key in implied and _value(config, key) != implied[key]]
+
+
+def _value(config, key: str):
+    section, name = key.split(".")
+    return config[section][name]
+
+
 def recorded_model(path: str) -> tuple[dict, str] | tuple[None, None]:
     """({"family", "variant", "image_size", "config": the model.* keys} as a training workdir's
     config.json or a converted directory's METADATA records them (None, {}: not recorded), that file),

@@ -31,6 +31,12 @@ class Profiler:
             jax.profiler.stop_trace()
             self.tracing = False
 
+    def stop(self) -> None:
+        """Ends a trace the loop left open (the run ended or stopped before its last step)."""
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+
     def dump_hlo(self, jitted, *args) -> None:
         """The optimised HLO of `jitted` on arguments like `args` (shapes and shardings), as text.
         Compiling it again costs little: it comes from the compilation cache when that is on."""

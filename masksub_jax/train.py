@@ -12,6 +12,7 @@ import numpy as np
 from masksub_jax import checkpoint, convert, goodput, metrics, models, preemption, profiling, sharding, xla_cache
 from masksub_jax import config as config_lib
 from masksub_jax import evaluate as evaluate_lib
+from masksub_jax import init_from as init_from_lib
 from masksub_jax import probes as probes_lib
 from masksub_jax import step as step_lib
 from masksub_jax import workdir as workdir_lib
@@ -110,6 +111,8 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 if "ema" in state:  # the average starts at the weights it averages
                     state["ema"][name] = jax.device_put(value, state_sharding["ema"][name])
             say(f"Initialised the {' and '.join(loaded)} from {config.init_from}.")
+            for line in init_from_lib.implied_differences(config, config.init_from):
+                say(line)
     else:
         start_step = int(jax.device_get(state["step"]))
         summary = workdir_lib.read_summary(workdir)
@@ -172,10 +175,14 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
             if step == start_step:
                 jax.block_until_ready(step_metrics)
                 first_inputs = input_preview(batch, step_rng)  # compiled here too: before the clock restarts
-                clock.add("compile", compiled := progress.restart(step + 1))
+                compiled = progress.restart(step + 1)
+                clock.add("compile", compiled - waited)  # the first batch's wait is input_wait's
                 say(f"compiled and ran the first step in {compiled:.1f} s")
                 record_start()
-                profiler.dump_hlo(train_step, abstract_sharded, batch, step_rng)
+                with clock.timing("compile"):
+                    profiler.dump_hlo(train_step, abstract_sharded, batch, step_rng)
+                progress.restart(step + 1)  # the dump's compile is not the steps' time
+                clock.save(step + 1)  # a session that dies before its first log keeps its line
             step += 1
             profiler.after(step, step_metrics)
             pending.append((step, step_metrics))
@@ -216,10 +223,12 @@ def _train(config, flat, workdir, checkpoints, changes, say, start_time) -> dict
                 with clock.timing("save"):
                     checkpoints.wait()
                 writer.close()
+                profiler.stop()
                 clock.save(step)
                 raise preemption.Preempted(step, workdir)
         with clock.timing("save"):
             checkpoints.wait()  # the last checkpoint is on disk before a SIGTERM may end the process
+    profiler.stop()  # a trace whose last step the run did not reach
 
     # ----------------------------------------------------------------------------------------------
     # Final evaluation, and where the run's time went.

@@ -21,13 +21,16 @@ from etils import epath
 # The data order and augmentations are a function of these and the step (data/indexed.py).
 RUN_DEFINING = ("seed", "model.family", "model.variant", "data.source", "data.name", "data.folder",
                 "data.train_split", "data.image_size", "data.augment", "data.augment_on", "data.color_jitter",
-                "data.repeated_aug", "batch_size", "ema.decay")
+                "data.repeated_aug", "batch_size", "ema.decay", "model.pool", "model.pre_norm", "model.act",
+                "model.norm_eps", "optim.frozen")
 # Keys that change how a run is carried out or reported, not the weights it ends with.
 NO_EFFECT_ON_WEIGHTS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                         "eval_batch_size", "data.data_dir", "data.extra_evals", "data.on_corrupt_image",
                         "on_nonfinite", "init_from", "model.remat", "masksub.memory_lean", "accum_steps", "mesh.fsdp",
                         "compilation_cache_dir", "profile.steps", "profile.all_processes", "profile.dump_hlo",
-                        "wandb.project", "wandb.entity", "wandb.name", "wandb.tags", "wandb.mode")
+                        "wandb.project", "wandb.entity", "wandb.name", "wandb.tags", "wandb.mode", "probes.fewshot",
+                        "probes.linear", "probes.knn", "probes.shots", "probes.seeds", "probes.l2_grid",
+                        "probes.heldout_per_class", "probes.knn_k", "probes.knn_temperature")
 
 
 class WorkdirError(ValueError):

@@ -200,3 +200,16 @@ def test_convert_prints_what_it_leaves_out_and_the_clip_recipe(fx, tmp_path, cap
     out = capsys.readouterr().out
     assert "text tower (6 tensors) is left out" in out and "ln_post" in out and "--config.model.act=gelu" in out
     assert "--config=clip_vit_b16_ft" in out and "--config.model.variant=cliptest/8" in out
+    # What the weights imply is kept with them: a config that differs is said at the start of training,
+    # and the transfer recipe takes the tower's layout and CLIP's normalisation from them.
+    from masksub_jax import init_from
+    clip = configs.get("clip_vit_b16_ft", **{"model.variant": "cliptest/8", "data.image_size": 32})
+    assert init_from.implied_differences(clip, str(tmp_path / "clip")) == []
+    clip.model.act = "gelu"
+    assert init_from.implied_differences(clip, str(tmp_path / "clip")) == [
+        "init_from: the weights imply model.act='quick_gelu', the config has 'gelu'; training with the config's "
+        "(--config.model.act=quick_gelu for the weights')"]
+    transfer = configs.get("transfer", f"dataset=cifar100,init_from={tmp_path / 'clip'}")
+    assert (transfer.model.variant, transfer.model.pre_norm, transfer.model.act, transfer.model.pool) == (
+        "cliptest/8", True, "quick_gelu", "normed_avg")
+    assert transfer.data.mean == config_lib.CLIP_MEAN and transfer.model.norm_eps == 1e-5

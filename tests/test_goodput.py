@@ -46,3 +46,11 @@ def test_the_cache_setting_takes_effect_in_a_process_that_has_compiled_already(t
         assert any(name.startswith("jit__lambda") for name in os.listdir(tmp_path / "xla_cache"))
     finally:
         xla_cache.use(None, str(tmp_path))  # back to the tests' shared cache
+
+
+def test_profile_steps_past_the_end_of_the_run_are_refused():
+    from masksub_jax import config as config_lib
+    config = config_lib.base()
+    config.total_steps, config.profile.steps = 100, (90, 120)
+    with pytest.raises(ValueError, match=r"profile.steps=\(90, 120\) is invalid: ends after the run's total_steps=100"):
+        config_lib.validate(config, num_devices=None)

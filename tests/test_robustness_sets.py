@@ -239,7 +239,8 @@ def _imagenet_config(**overrides):
 
 
 def test_each_spelling_makes_its_set_with_its_protocol_on_mock_data():
-    c = _imagenet_config(**{"data.extra_evals": (*NEW_SETS, "imagenet2012_corrupted:validation")})
+    c = _imagenet_config(**{"data.extra_evals": (*NEW_SETS, "imagenet2012_corrupted:validation"),
+                            "data.crop_ratio": 0.875})
     with mock_imagenet(num_examples=2):
         sources = pipeline.make_extra_evals(c, IMAGENET_NAMES, batch_multiple=8)
         subset = pipeline.make_extra_evals(_imagenet_config(**{"data.extra_evals": (
@@ -251,6 +252,8 @@ def test_each_spelling_makes_its_set_with_its_protocol_on_mock_data():
     suite = sources["imagenet2012_corrupted"]
     assert list(suite.parts) == [(c, s) for c in robustness.BENCHMARK_CORRUPTIONS for s in range(1, 6)]
     assert suite.num_eval_examples == 150 and suite.num_classes == 1000
+    # ImageNet-C's images are already 224 px centre crops: never cropped again by the recipe's crop ratio.
+    assert c.data.crop_ratio == 0.875 and {part.config.data.crop_ratio for part in suite.parts.values()} == {1.0}
     assert list(subset["imagenet2012_corrupted"].parts) == [("gaussian_noise", 2), ("gaussian_noise", 5),
                                                             ("saturate", 2), ("saturate", 5)]
 

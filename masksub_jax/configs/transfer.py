@@ -115,7 +115,7 @@ TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "oxford_flowers102": 2_
                   "digits": 1_497}
 EVALS_PER_RUN = 10
 # What a training workdir's config says of its weights' layout, beyond family and variant.
-ARCHITECTURE = ("model.pool", "model.layerscale_init")
+ARCHITECTURE = ("model.pool", "model.layerscale_init", "model.pre_norm", "model.act", "model.norm_eps")
 FOLDER_EVAL_EVERY_STEPS = 1000  # an image folder's size is not known here
 
 
@@ -130,6 +130,8 @@ def get_config(arg=None):
         c.init_from = args["init_from"]
         config_lib.override(c, recorded_model(args["init_from"]))
     config_lib.override(c, {f"model.{k}": args[k] for k in ("family", "variant") if args[k]})
+    if c.model.pre_norm and args["dataset"] != "digits":  # a CLIP tower sees images normalised as CLIP's
+        c.data.mean, c.data.std = config_lib.CLIP_MEAN, config_lib.CLIP_STD
     examples = TRAIN_EXAMPLES.get(args["dataset"])
     c.eval_every_steps = (max(1, math.ceil(c.total_epochs * (examples // c.batch_size) / EVALS_PER_RUN))
                           if examples else FOLDER_EVAL_EVERY_STEPS)

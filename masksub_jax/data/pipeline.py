@@ -19,6 +19,7 @@ batches an uninterrupted run sees. Eval batches are padded to full size with `ma
 example counts exactly once.
 """
 import collections
+import copy
 import itertools
 import math
 from collections.abc import Iterator
@@ -184,6 +185,10 @@ def _tfds_eval_source(config, kind: str, split: str, class_names: list[str], pro
     if kind.partition("/")[0] == robustness.CORRUPTED:
         corruptions, severities = robustness.parse_corrupted(kind)
         parts, unprepared = {}, []
+        # ImageNet-C's images are already the 224 px centre crops (Hendrycks' test.py feeds them as they
+        # are): resized to the model's size whole, never cropped again by data.crop_ratio.
+        config = copy.deepcopy(config)
+        config.data.crop_ratio = 1.0
         for c in corruptions:
             for s in severities:
                 name = robustness.corruption_config(c, s)
