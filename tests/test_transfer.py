@@ -106,7 +106,7 @@ def test_fine_tuning_converted_weights_on_digits_raises_their_accuracy(digits_di
     # The run's workdir as the next start: its config.json names the model.
     assert transfer.recorded_model(str(tmp_path / "run")) == {
         "model.family": "tests.tiny_family", "model.variant": "mu/2", "model.pool": "token",
-        "model.layerscale_init": 1e-4}
+        "model.layerscale_init": 1e-4, "model.pre_norm": False, "model.act": "gelu", "model.norm_eps": 1e-6}
 
 
 def test_cifar100_is_read_with_its_100_classes_and_upsampled_to_the_recipes_224_px():
