@@ -35,6 +35,17 @@ def offline_records(run_dir: str) -> list:
     return records
 
 
+def records_with_step(run_dir: str, step: int, timeout_s: float = 20.0) -> list:
+    """The run's records once they hold `step`: W&B's service process may still be writing the file
+    when finish() returns (seen once in the full suite)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = offline_records(run_dir)
+        if step in logged(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def logged(records) -> dict[int, dict]:
     """step -> {key: value (JSON text)} of the history records."""
     out = {}
@@ -67,7 +78,7 @@ def test_a_resumed_run_continues_its_wandb_run_and_logs_scalars_images_and_the_c
     assert (start.run_id, start.project, list(start.tags)) == (run_id, "masksub-tests", ["ci"])
     assert start.display_name == "run"  # the workdir's name
     assert {i.key: i.value_json for i in start.config.update}["model.variant"] == '"mu/2"'
-    first_steps, second_steps = logged(offline_records(runs[0])), logged(offline_records(runs[1]))
+    first_steps, second_steps = logged(records_with_step(runs[0], 10)), logged(records_with_step(runs[1], 20))
     assert first_steps[10]["train/loss_main"] == "2.5" and first_steps[10]["train/inputs/count"] == "2"
     assert second_steps[20]["train/loss_main"] == "1.5" and second_steps[20]["eval/top1"] == "0.5"
 
