@@ -10,7 +10,7 @@ from masksub_jax import tracking
 from masksub_jax import workdir as workdir_lib
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class JsonlWriter(tracking.PartialWriter):
     """One JSON object per `write_scalars` call, a line each: {"step": ..., name: value, ...}, and
     one {"hparams": ...} line per run. Only scalars and hparams go here; images, audio and the like
     are for TensorBoard.
@@ -37,30 +37,9 @@ class JsonlWriter(metric_writers.MetricWriter):
         if '{"hparams": ' not in self._text:
             self._add({"hparams": hparams}, default=str)
 
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
     def flush(self):
         """Atomically: a kill mid-write leaves the previous version, never a cut one."""
         workdir_lib.write_text(self._path, self._text)
-
-    def close(self):
-        self.flush()
 
 
 def read_history(workdir: str) -> list[dict]:

@@ -23,8 +23,43 @@ def enabled(settings) -> bool:
     return bool(settings.project)
 
 
-class WandbWriter(metric_writers.MetricWriter):
-    """A clu MetricWriter that logs to a W&B run."""
+class PartialWriter(metric_writers.MetricWriter):
+    """A clu MetricWriter for what a subclass overrides; the rest (hparams, images, videos, audio,
+    text, histograms, summaries) it ignores. metrics.JsonlWriter and WandbWriter are ones."""
+
+    def write_scalars(self, step, scalars):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.flush()
+
+
+class WandbWriter(PartialWriter):
+    """Scalars and images to a W&B run; the config is the run's config from the start (no hparams)."""
 
     def __init__(self, workdir: str, settings, flat_config: dict):
         try:
@@ -49,27 +84,6 @@ class WandbWriter(metric_writers.MetricWriter):
     def write_images(self, step, images):
         self._run.log({k: [self._wandb.Image(np.asarray(image)) for image in v] for k, v in images.items()},
                       step=int(step))
-
-    def write_hparams(self, hparams):
-        pass  # the config is the run's config from the start
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def flush(self):
-        pass
 
     def close(self):
         self._run.finish()
