@@ -28,6 +28,7 @@ took 12.8 min here, most of it the train step):
   $ python -m masksub_jax.plan --config=configs/vit_b.py --topology=v5e-8
   Plan: ViT-B/16 at 192 px, 1000 classes, MaskSub masking 0.5, float32, global batch 2048 (accum_steps 1), ...
   Target: v5e-8 = TPU v5e 2x4: 8 chips, 16 GiB HBM and 197 TFLOP/s bf16 each
+  Compiling the train and eval steps for v5e-8 with XLA's TPU compiler (ViT-B took 13 min on 2 CPU cores)...
   Compiled the train and eval steps in 767.3 s (jax 0.10.2).
   HBM per chip                      train step     eval step
     arguments (state + batch)         0.99 GiB      0.34 GiB
@@ -522,6 +523,9 @@ def _plan_command(f) -> None:
     capacity, peak = capacity_and_peak(target, devices, config.model.dtype)
     if f.hbm_gib:
         capacity = int(f.hbm_gib * GiB)
+    if capacity is None and f.find_batch:
+        raise cli.CommandError(f"--find_batch needs the memory per device, which {f.topology}'s devices do not report: "
+                               "give it with --hbm_gib=GIB.")
     family = models.of(config)
     print(f"Plan: {family.describe(config)} at {config.data.image_size} px, {num_classes} classes, MaskSub "
           f"{config.masksub.mode} {config.masksub.ratio}, {config.model.dtype}, global batch {config.batch_size} "
@@ -529,6 +533,9 @@ def _plan_command(f) -> None:
           f"remat {config.model.remat}", flush=True)
     print(f"Target: {f.topology} = {target.describe() if target.chip else sharding.describe_devices()}", flush=True)
     common = dict(num_classes=num_classes, image_shape=image_shape, capacity=capacity, peak_flops=peak)
+    if target.chip is not None:  # XLA's TPU compiler takes minutes on a small machine: say so before it starts
+        print(f"Compiling the train and eval steps for {target.name} with XLA's TPU compiler (ViT-B took 13 min on "
+              "2 CPU cores)...", flush=True)
     base = plan(config, devices, **common)
     print(f"XLA's TPU compiler refused the train step in {base.compile_s:.1f} s: out of HBM (jax {jax.__version__})."
           if base.out_of_memory else f"Compiled the train and eval steps in {base.compile_s:.1f} s (jax "

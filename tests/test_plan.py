@@ -13,8 +13,8 @@ import warnings
 import jax
 import pytest
 
+from masksub_jax import cli, flops, plan
 from masksub_jax import config as config_lib
-from masksub_jax import flops, plan
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 REQUIRED = os.environ.get("MASKSUB_REQUIRE_TPU_PLAN_TESTS") == "1"
@@ -218,3 +218,16 @@ def test_tpu_find_batch_is_monotone(test_variants):
     if good is not None and bad is not None:
         assert bad - good == 64
     assert len(reports) <= 6
+
+
+def test_find_batch_without_a_memory_limit_is_an_error_before_compiling(test_variants, monkeypatch, capsys):
+    """Devices that report no memory limit (some GPUs): --find_batch cannot search, so it says so and
+    names --hbm_gib, before any compile; with --hbm_gib it has a capacity to search against."""
+    import types
+    monkeypatch.setattr(plan, "capacity_and_peak", lambda *args: (None, None))
+    monkeypatch.setattr(plan, "plan", lambda *args, **kwargs: pytest.fail("compiled before the error"))
+    flags = types.SimpleNamespace(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None,
+                                  find_batch=True, suggest=True, mfu=0.4, max_batch=None)
+    with pytest.raises(cli.CommandError, match="--find_batch needs the memory per device.*--hbm_gib"):
+        plan._plan_command(flags)
+    assert capsys.readouterr().out == ""
