@@ -42,6 +42,10 @@ took 12.8 min here, most of it the train step):
   At 40% MFU (197 TFLOP/s peak per chip): 373.7 ms per step, 5,480 images/s for the global batch of 2048
   Fits: 1.13 GiB to spare per chip.
 
+Where the compile time goes (BENCHMARKS.md): the TPU backend's passes over a program with every
+block of both branches unrolled; a lower optimisation effort compiles 4x faster but plans 26% more
+temporaries than the trainer's step, so it is not used.
+
 Only one process at a time may load libtpu (/tmp/libtpu_lockfile); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets
 plans run side by side.
 """
