@@ -93,6 +93,10 @@ def base() -> ml_collections.ConfigDict:
     # one GPU's batch, no SyncBN), the same on any number of devices; 0 = over the whole batch.
     c.model.bn_group_size = 0
     c.model.remat = False  # recompute each block's activations in the backward pass
+    # ViT: the blocks as one layer scanned over depth (big_vision's scan): XLA compiles one block, so a
+    # pod's compile and `plan` are several times faster; with remat it also needs less memory than the
+    # unrolled blocks with remat, without remat more (BENCHMARKS.md). Block i's weights are at index i.
+    c.model.scan = False
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
     c.masksub = ml_collections.ConfigDict()
@@ -438,6 +442,8 @@ def validate(config, num_devices: int | None = 1, *, training: bool = True) -> N
     c = config
     family = models.of(c)
     family.check(c)  # the variant, and the image sizes that fit it
+    _require(not c.model.scan or c.model.family == "vit", "model.scan", c.model.scan,
+             f"only the ViT family scans its blocks (model.family={c.model.family!r}); use False")
     _require(c.data.source in SOURCES, "data.source", c.data.source, f"use one of {SOURCES}")
     _require(c.data.source != "folder" or bool(c.data.folder), "data.folder", c.data.folder,
              "data.source='folder' reads the image-folder tree at data.folder=ROOT (ROOT/<split>/<class>/*.JPEG)")

@@ -82,6 +82,16 @@ def make(name: str, schedule: optax.Schedule, *, weight_decay: float, b1: float,
                                  functools.partial(frozen_labels, patterns=tuple(frozen)))
 
 
+def in_layout(tx: optax.GradientTransformation, inner, outer) -> optax.GradientTransformation:
+    """`tx` on the parameters as `inner` lays them out, its updates laid back out by `outer`: with
+    model.scan (stacked blocks) the optimizer sees the unrolled blocks, so everything it decides per
+    parameter (LAMB's trust ratio, weight decay by rank, layer decay, frozen names) is as unrolled."""
+    def update(updates, state, params=None):
+        updates, state = tx.update(inner(updates), state, None if params is None else inner(params))
+        return outer(updates), state
+    return optax.GradientTransformation(lambda params: tx.init(inner(params)), update)
+
+
 def _scale_per_parameter(scales_of) -> optax.GradientTransformation:
     """Multiplies each parameter's update by a constant that depends only on its place in the tree."""
     def update(updates, state, params=None):

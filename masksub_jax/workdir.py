@@ -22,7 +22,7 @@ from etils import epath
 RUN_DEFINING = ("seed", "model.family", "model.variant", "data.source", "data.name", "data.folder",
                 "data.train_split", "data.image_size", "data.augment", "data.augment_on", "data.color_jitter",
                 "data.repeated_aug", "batch_size", "ema.decay", "model.pool", "model.pre_norm", "model.act",
-                "model.norm_eps", "optim.frozen")
+                "model.norm_eps", "optim.frozen", "model.scan")
 # Keys that change how a run is carried out or reported, not the weights it ends with.
 NO_EFFECT_ON_WEIGHTS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                         "eval_batch_size", "data.data_dir", "data.extra_evals", "data.on_corrupt_image",

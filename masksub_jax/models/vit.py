@@ -128,6 +128,26 @@ class Block(nn.Module):
         return x + DropPath(self.drop_path)(y, deterministic, example_ids)
 
 
+class ScannedBlocks(nn.Module):
+    """`depth` Blocks as one layer scanned over depth (big_vision's `scan`): block i's parameters at
+    index i of a leading axis, the same computation; XLA compiles one block instead of `depth`
+    (a TPU compile of ViT-B's step: BENCHMARKS.md). Each block draws its own dropout and drop-path
+    keys (split from the module's, not the unrolled model's per-name keys)."""
+    depth: int
+    deterministic: bool
+    remat: bool
+    block: dict  # Block's fields
+
+    @nn.compact
+    def __call__(self, x, example_ids):
+        def body(layer, x, example_ids):
+            return layer(x, self.deterministic, example_ids), None
+        block = nn.remat(Block, static_argnums=(2,), prevent_cse=False) if self.remat else Block
+        scan = nn.scan(body, variable_axes={"params": 0}, in_axes=nn.broadcast, length=self.depth,
+                       split_rngs={"params": True, "dropout": True, "droppath": True})
+        return scan(block(**self.block, name="block"), x, example_ids)[0]
+
+
 class ViT(nn.Module):
     """DeiT-III ViT on normalised images (batch, H, W, C); returns float32 logits (batch, num_classes).
 
@@ -147,6 +167,7 @@ class ViT(nn.Module):
     head_init_std: float = 0.02
     mlp_ratio: int = 4
     remat: bool = False
+    scan: bool = False  # the blocks as one scanned layer (ScannedBlocks)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -170,12 +191,15 @@ class ViT(nn.Module):
 
         # Dropout and drop-path draw per example, keyed by its index in the step's batch.
         example_ids = first_example + jnp.arange(batch)
-        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         dropout = self.dropout if dropout_rate is None else dropout_rate
         drop_path = self.drop_path if drop_path_rate is None else drop_path_rate
-        for i in range(depth):
-            x = block(heads, self.mlp_ratio * width, dropout, drop_path, self.layerscale_init, self.dtype,
-                      self.norm_eps, self.act, name=f"blocks_{i}")(x, not train, example_ids)
+        fields = dict(num_heads=heads, mlp_dim=self.mlp_ratio * width, dropout=dropout, drop_path=drop_path,
+                      layerscale_init=self.layerscale_init, dtype=self.dtype, norm_eps=self.norm_eps, act=self.act)
+        if self.scan:
+            x = ScannedBlocks(depth, not train, self.remat, fields, name="blocks")(x, example_ids)
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        for i in range(0 if self.scan else depth):
+            x = block(**fields, name=f"blocks_{i}")(x, not train, example_ids)
         # The pools average over the kept tokens in the masked sub-branch.
         if self.pool == "avg":
             x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
@@ -222,7 +246,7 @@ def build(config, num_classes: int) -> ViT:
     m = config.model
     return ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
                layerscale_init=m.layerscale_init, pool=m.pool, pre_norm=m.pre_norm, act=m.act, norm_eps=m.norm_eps,
-               head_init_std=m.head_init_std, remat=m.remat, dtype=jnp.dtype(m.dtype))
+               head_init_std=m.head_init_std, remat=m.remat, scan=m.get("scan", False), dtype=jnp.dtype(m.dtype))
 
 
 def num_units(config) -> int:
@@ -509,7 +533,7 @@ def to_timm(params) -> dict[str, np.ndarray]:
     """Our parameters as a timm state dict that `timm_model`'s model loads with `load_state_dict`:
     DeiT-III's (pos_embed without a cls slot), or with norm_pre a CLIP tower's (timm's vit_*_clip_*,
     whose pos_embed has a cls slot: zero, as the cls token already holds it)."""
-    flat = flatten(params)
+    flat = unstacked(flatten(params))
     depth = len({k.split("/")[0] for k in flat if k.startswith("blocks_")})
     names = _names(depth)
     unknown = set(flat) - set(names)
@@ -575,11 +599,47 @@ def _timm_clip_model(state_dict: dict, variant: str, image_size: int, config: di
     return name, kwargs
 
 
+SCANNED = "blocks/block/"  # model.scan's parameters: "blocks/block/attn/qkv/kernel" (depth, ...)
+
+
+def scanned(params: dict) -> dict:
+    """The unrolled blocks' parameters ("blocks_3": {...}) laid out as model.scan's ("blocks":
+    {"block": {...}}, block i at index i of each array); traceable. Others are returned as they are."""
+    depth = sum(1 for name in params if name.startswith("blocks_"))
+    if not depth:
+        return params
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    return out | {"blocks": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"blocks_{i}"]
+                                                                                  for i in range(depth)))}}
+
+
+def unscanned(params: dict) -> dict:
+    """scanned's inverse; traceable."""
+    if "block" not in params.get("blocks", {}):
+        return params
+    block = params["blocks"]["block"]
+    depth = jax.tree.leaves(block)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    return out | {f"blocks_{i}": jax.tree.map(lambda x, i=i: x[i], block) for i in range(depth)}
+
+
+def stacked(flat: dict) -> dict:
+    """`scanned` on flat NumPy parameters ("blocks_3/mlp/fc1/kernel": ...)."""
+    return flatten(scanned(nest(flat)))
+
+
+def unstacked(flat: dict) -> dict:
+    """`unscanned` on flat NumPy parameters."""
+    return flatten(unscanned(nest(flat)))
+
+
 def fit(loaded: dict, initial: dict, say) -> dict:
-    """config.init_from: pos_embed resampled to the configured grid; LayerScale gammas of 1 for weights
-    without LayerScale; a final norm the configured model does not have (MAE pretraining weights for
-    the global-pool fine-tune) dropped, and a fresh fc_norm, as MAE's fine-tuning does."""
-    out = dict(loaded)
+    """config.init_from: the blocks stacked or unstacked to the configured model.scan; pos_embed
+    resampled to the configured grid; LayerScale gammas of 1 for weights without LayerScale; a final
+    norm the configured model does not have (MAE pretraining weights for the global-pool fine-tune)
+    dropped, and a fresh fc_norm, as MAE's fine-tuning does."""
+    scan = any(k.startswith(SCANNED) for k in initial)
+    out = stacked(loaded) if scan else unstacked(loaded)
     pos = out.get("pos_embed")
     if (pos is not None and "pos_embed" in initial and pos.shape != initial["pos_embed"].shape
             and pos.shape[-1] == initial["pos_embed"].shape[-1]):  # another width: not a grid to resample
