@@ -44,7 +44,9 @@ took 12.8 min here, most of it the train step):
 
 Where the compile time goes (BENCHMARKS.md): the TPU backend's passes over a program with every
 block of both branches unrolled; a lower optimisation effort compiles 4x faster but plans 26% more
-temporaries than the trainer's step, so it is not used.
+temporaries than the trainer's step, so it is not used. ViT's scanned blocks (model.scan) compile one
+block: with --config.model.scan=True --config.model.remat=True the ViT-B plan above took 90 s here,
+needing 8.13 GiB per chip (XLA's FLOP count then has a loop's body once, so it is not shown).
 
 Only one process at a time may load libtpu (/tmp/libtpu_lockfile); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets
 plans run side by side.
@@ -343,7 +345,7 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
                     peak_flops=peak_flops, flops=flops_lib.step_flops(config, num_classes), xla_flops=None,
                     compile_s=time.perf_counter() - start, out_of_memory=message)
     train = StepMemory.of(compiled)
-    xla_flops = _xla_flops(compiled)
+    xla_flops = None if config.model.scan else _xla_flops(compiled)  # XLA counts a scanned loop's body once
     evaluation = None
     if evaluate:
         variables_sharding = step_lib.variables(state_sharding)
@@ -418,11 +420,14 @@ def find_batch(fits, unit: int, start: int, limit: int) -> tuple[int | None, int
 
 def alternatives(config, fits_with, num_devices: int) -> list[tuple[str, bool]]:
     """Settings that would make `config` fit, each one change tried by `fits_with(changes)`: remat,
-    the fewest accumulation micro-batches, the smallest mesh.fsdp; all three together if none alone
-    does. [(flags, fits)] in that order."""
+    (ViT) scanned blocks with remat, the fewest accumulation micro-batches, the smallest mesh.fsdp;
+    remat, accumulation and fsdp together if none alone does. [(flags, fits)] in that order."""
     found = []
     if not config.model.remat:
         found.append((_flags({"model.remat": True}), fits_with({"model.remat": True})))
+    if config.model.family == "vit" and not config.model.scan:  # with remat, less memory than remat alone
+        both = {"model.scan": True, "model.remat": True}
+        found.append((_flags(both), fits_with(both)))
     per_device = config.batch_size // num_devices
     accums = [a for a in _doublings(config.accum_steps, per_device) if per_device % a == 0]
     fsdps = [f for f in _doublings(config.mesh.fsdp, num_devices) if num_devices % f == 0]
@@ -480,7 +485,7 @@ def format_plan(p: Plan, mfu: float) -> list[str]:
     if p.capacity is not None:
         lines.append(f"  capacity {_gib(p.capacity)}: needs {_gib(p.needed)} ({p.needed / p.capacity:.0%})")
     per_device = p.flops / p.devices if p.flops else None
-    xla = f"{p.xla_flops / 1e12:.3f} TFLOP" if p.xla_flops else "none"
+    xla = f"{p.xla_flops / 1e12:.3f} TFLOP" if p.xla_flops else "no total (a loop's body once)"
     lines.append(f"FLOPs per step per chip: {per_device / 1e12:.3f} TFLOP (the model's 3x forward count), XLA counts "
                  f"{xla}" if per_device else f"FLOPs per step per chip: XLA counts {xla}")
     step_s = p.step_time(mfu)
@@ -534,7 +539,7 @@ def _plan_command(f) -> None:
     print(f"Plan: {family.describe(config)} at {config.data.image_size} px, {num_classes} classes, MaskSub "
           f"{config.masksub.mode} {config.masksub.ratio}, {config.model.dtype}, global batch {config.batch_size} "
           f"(accum_steps {config.accum_steps}), eval batch {config.eval_batch_size}, mesh.fsdp {config.mesh.fsdp}, "
-          f"remat {config.model.remat}", flush=True)
+          f"remat {config.model.remat}" + (", scanned blocks" if config.model.scan else ""), flush=True)
     print(f"Target: {f.topology} = {target.describe() if target.chip else sharding.describe_devices()}", flush=True)
     common = dict(num_classes=num_classes, image_shape=image_shape, capacity=capacity, peak_flops=peak)
     if target.chip is not None:  # XLA's TPU compiler takes minutes on a small machine: say so before it starts
