@@ -95,7 +95,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.remat = False  # recompute each block's activations in the backward pass
     # ViT: the blocks as one layer scanned over depth (big_vision's scan): XLA compiles one block, so a
     # pod's compile and `plan` are several times faster; with remat it also needs less memory than the
-    # unrolled blocks with remat, without remat more (BENCHMARKS.md). Block i's weights are at index i.
+    # unrolled blocks with remat, without remat more on TPU (BENCHMARKS.md). Block i's weights are at index i.
     c.model.scan = False
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 

@@ -84,11 +84,16 @@ def started_config(workdir: str) -> dict | None:
     return record
 
 
+# Run-defining keys added after runs were recorded: a record without one had this value.
+ADDED_LATER = {"model.scan": False}
+
+
 def changed_keys(record: dict | None, flat: dict) -> dict[str, tuple]:
     """key -> (the run's value, the command's value) for every key that differs."""
     if record is None:
         return {}
     now = as_record(flat)
+    record = ADDED_LATER | record
     return {k: (record.get(k), now[k]) for k in now if k in record and record[k] != now[k]}
 
 

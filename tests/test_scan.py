@@ -9,7 +9,7 @@ import pytest
 from masksub_jax import config as config_lib
 from masksub_jax import convert
 from masksub_jax import step as step_lib
-from masksub_jax.models import vit
+from masksub_jax.models import layers, vit
 from masksub_jax.models.weights import flatten, nest
 from tests.conftest import tiny_digits_config
 
@@ -36,6 +36,21 @@ def test_scanned_blocks_compute_the_unrolled_blocks():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(vit.unstacked(vit.stacked(flatten(params)))["blocks_3/mlp/fc1/kernel"],
                                   flatten(params)["blocks_3/mlp/fc1/kernel"])
+
+
+def test_scanned_blocks_draw_their_own_drop_path_masks():
+    """Each block of the scan draws its own drop-path masks (split keys), as the unrolled blocks do:
+    the examples whose residual branch is dropped differ from block to block."""
+    model = vit.ViT(num_classes=10, variant="mu/8", scan=True, drop_path=0.5)
+    images = jax.random.normal(jax.random.PRNGKey(0), (32, 32, 32, 3))
+    params = model.init(jax.random.PRNGKey(1), images)["params"]
+    _, captured = model.apply({"params": params}, images, train=True, mutable=["intermediates"],
+                              rngs={"dropout": jax.random.PRNGKey(2), "droppath": jax.random.PRNGKey(3)},
+                              capture_intermediates=lambda module, _: isinstance(module, layers.DropPath))
+    out = captured["intermediates"]["blocks"]["block"]["DropPath_0"]["__call__"][0]  # (depth, batch, tokens, width)
+    dropped = np.asarray(jnp.all(out == 0, axis=(2, 3)))
+    assert dropped.shape == (4, 32) and 0 < dropped.mean() < 1
+    assert any((dropped[i] != dropped[0]).any() for i in range(1, 4))
 
 
 def _one_step(scan: bool, params=None):

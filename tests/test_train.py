@@ -219,7 +219,7 @@ def test_trainer_on_mock_imagenet(tmp_path):
     assert summary["step"] == 2 and summary["eval_examples"] == 10
 
 
-def test_bfloat16_memory_lean_remat_scanned_run_learns(digits_dir, tmp_path):
+def test_bfloat16_memory_lean_remat_scanned_run_learns(digits_dir, tmp_path, capsys):
     """The precision, memory-lean, remat and scanned-blocks switches go through the trainer, which
     still learns, and a longer run continues from the scanned blocks' checkpoint."""
     switches = {"model.dtype": "bfloat16", "model.remat": True, "masksub.memory_lean": True, "model.scan": True}
@@ -228,7 +228,9 @@ def test_bfloat16_memory_lean_remat_scanned_run_learns(digits_dir, tmp_path):
     logged = [m for m in _metrics(str(tmp_path / "bf16")) if "train/loss" in m]
     assert logged[-1]["train/loss_main"] < 0.95 * logged[0]["train/loss_main"]
     assert checkpoint.load_params(str(tmp_path / "bf16"))["blocks"]["block"]["mlp"]["fc1"]["kernel"].shape[0] == 4
+    capsys.readouterr()
     assert train.run(tiny_digits_config(digits_dir, total_steps=80, **switches), str(tmp_path / "bf16"))["step"] == 80
+    assert "Resuming from the checkpoint of step 60" in capsys.readouterr().out
 
 
 def test_workdir_paths_keep_bucket_urls():

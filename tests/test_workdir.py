@@ -113,3 +113,14 @@ def test_verbose_prints_the_traceback_and_errors_log_keeps_it(tmp_path, digits_d
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Config batch_size=7 is invalid: must be a positive multiple of the device count")
     assert "Traceback" in _read(str(tmp_path / "w"), "errors.log")
+
+
+def test_a_record_from_before_a_run_defining_key_existed_had_its_default():
+    """config.json written before model.scan existed: the run's blocks were unrolled, so resuming it
+    with scanned blocks is a change of a run-defining key (not a checkpoint that fails to load)."""
+    old_record = {"model.variant": "mu/2", "batch_size": 64}
+    changes = workdir_lib.changed_keys(old_record, {"model.variant": "mu/2", "batch_size": 64, "model.scan": True})
+    assert changes == {"model.scan": (False, True)}
+    assert workdir_lib.changed_keys(old_record, {"model.variant": "mu/2", "model.scan": False}) == {}
+    with pytest.raises(workdir_lib.WorkdirError, match=r"different model.scan \(model.scan: False -> True\)"):
+        workdir_lib.check_same_run("/runs/old", changes)

@@ -143,7 +143,7 @@ class ScannedBlocks(nn.Module):
         def body(layer, x, example_ids):
             return layer(x, self.deterministic, example_ids), None
         block = nn.remat(Block, static_argnums=(2,), prevent_cse=False) if self.remat else Block
-        scan = nn.scan(body, variable_axes={"params": 0}, in_axes=nn.broadcast, length=self.depth,
+        scan = nn.scan(body, variable_axes={"params": 0, "intermediates": 0}, in_axes=nn.broadcast, length=self.depth,
                        split_rngs={"params": True, "dropout": True, "droppath": True})
         return scan(block(**self.block, name="block"), x, example_ids)[0]
 
@@ -258,6 +258,8 @@ def layer_ids(params) -> dict:
     """Each parameter's layer for layer-wise lr decay, as MAE's get_layer_id_for_vit and FT-CLIP's
     get_num_layer_for_vit: 0 the embeddings (patch_embed, cls_token, pos_embed, CLIP's norm_pre),
     i + 1 block i, depth + 1 the rest (the final norms, head)."""
+    if "blocks" in params:
+        raise ValueError("layer_ids takes the unrolled blocks (blocks_0, ...): lay model.scan's out with unscanned.")
     depth = sum(1 for name in params if name.startswith("blocks_"))
 
     def layer(path, _):
@@ -609,8 +611,9 @@ def scanned(params: dict) -> dict:
     if not depth:
         return params
     out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-    return out | {"blocks": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"blocks_{i}"]
-                                                                                  for i in range(depth)))}}
+    def stack(*xs):  # NumPy stays NumPy (converted weights: no copy to a device, float64 kept)
+        return np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+    return out | {"blocks": {"block": jax.tree.map(stack, *(params[f"blocks_{i}"] for i in range(depth)))}}
 
 
 def unscanned(params: dict) -> dict:
