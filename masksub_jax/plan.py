@@ -45,7 +45,8 @@ took 12.8 min here, most of it the train step):
 Where the compile time goes (BENCHMARKS.md): the TPU backend's passes over a program with every
 block of both branches unrolled; a lower optimisation effort compiles 4x faster but plans 26% more
 temporaries than the trainer's step, so it is not used. ViT's scanned blocks (model.scan) compile one
-block: with --config.model.scan=True --config.model.remat=True the ViT-B plan above took 90 s here,
+block (4x faster side by side on ViT-Ti): with --config.model.scan=True --config.model.remat=True the
+ViT-B plan above took 90 s here on a quiet machine (the 12.8 min was under load),
 needing 8.13 GiB per chip (XLA's FLOP count then has a loop's body once, so it is not shown).
 
 Only one process at a time may load libtpu (/tmp/libtpu_lockfile); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets
