@@ -22,14 +22,14 @@ batch that fits. It reads no data: the image shape and class count come from the
 GPUs cannot be planned this way: XLA's GPU compiler needs the GPU it compiles for. On a GPU machine,
 --topology=local prints the same report from the real devices (their memory limit as JAX reports it).
 
-Example (jax 0.10.2, libtpu 0.0.42.1, on a CPU-only machine of 2 shared cores; XLA's TPU compiler
-took 12.8 min here, most of it the train step):
+Example (jax 0.10.2, libtpu 0.0.42.1, on a CPU-only machine of 2 cores, quiet; XLA's TPU compiler
+took 145 s here, most of it the train step):
 
   $ python -m masksub_jax.plan --config=configs/vit_b.py --topology=v5e-8
   Plan: ViT-B/16 at 192 px, 1000 classes, MaskSub masking 0.5, float32, global batch 2048 (accum_steps 1), ...
   Target: v5e-8 = TPU v5e 2x4: 8 chips, 16 GiB HBM and 197 TFLOP/s bf16 each
-  Compiling the train and eval steps for v5e-8 with XLA's TPU compiler (on 2 CPU cores ViT-B took 13 min, ...
-  Compiled the train and eval steps in 767.3 s (jax 0.10.2).
+  Compiling the train and eval steps for v5e-8 with XLA's TPU compiler (ViT-B took 2.4 min on 2 CPU cores, ...
+  Compiled the train and eval steps in 145.4 s (jax 0.10.2).
   HBM per chip                      train step     eval step
     arguments (state + batch)         0.99 GiB      0.34 GiB
     outputs not donated               0.00 GiB      0.00 GiB
@@ -46,7 +46,7 @@ Where the compile time goes (BENCHMARKS.md): the TPU backend's passes over a pro
 block of both branches unrolled; a lower optimisation effort compiles 4x faster but plans 26% more
 temporaries than the trainer's step, so it is not used. ViT's scanned blocks (model.scan) compile one
 block (4x faster side by side on ViT-Ti): with --config.model.scan=True --config.model.remat=True the
-ViT-B plan above took 90 s here on a quiet machine (the 12.8 min was under load),
+ViT-B plan above took 90 s here instead of 145 s,
 needing 8.13 GiB per chip (XLA's FLOP count then has a loop's body once, so it is not shown).
 
 Only one process at a time may load libtpu (/tmp/libtpu_lockfile); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets
@@ -544,8 +544,8 @@ def _plan_command(f) -> None:
     print(f"Target: {f.topology} = {target.describe() if target.chip else sharding.describe_devices()}", flush=True)
     common = dict(num_classes=num_classes, image_shape=image_shape, capacity=capacity, peak_flops=peak)
     if target.chip is not None:  # XLA's TPU compiler takes minutes on a small machine: say so before it starts
-        print(f"Compiling the train and eval steps for {target.name} with XLA's TPU compiler (on 2 CPU cores ViT-B "
-              "took 13 min, 1.5 min with model.scan and model.remat)...", flush=True)
+        print(f"Compiling the train and eval steps for {target.name} with XLA's TPU compiler (ViT-B took 2.4 min on "
+              "2 CPU cores, 1.5 min with model.scan and model.remat)...", flush=True)
     base = plan(config, devices, **common)
     print(f"XLA's TPU compiler refused the train step in {base.compile_s:.1f} s: out of HBM (jax {jax.__version__})."
           if base.out_of_memory else f"Compiled the train and eval steps in {base.compile_s:.1f} s (jax "
