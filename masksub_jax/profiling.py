@@ -28,8 +28,7 @@ class Profiler:
         """After a step, `steps_done` steps done: the trace ends once the last step has finished."""
         if self.tracing and steps_done >= self.steps[1]:
             jax.block_until_ready(outputs)
-            jax.profiler.stop_trace()
-            self.tracing = False
+            self.stop()
 
     def stop(self) -> None:
         """Ends a trace the loop left open (the run ended or stopped before its last step)."""

@@ -10,19 +10,15 @@ from masksub_jax import config as config_lib
 from masksub_jax import convert
 from masksub_jax import step as step_lib
 from masksub_jax.models import layers, vit
-from masksub_jax.models.weights import flatten, nest
+from masksub_jax.models.weights import flatten
 from tests.conftest import tiny_digits_config
-
-
-def _stack(params):
-    return nest(vit.stacked(flatten(params)))
 
 
 def test_scanned_blocks_compute_the_unrolled_blocks():
     unrolled, scanned = vit.ViT(num_classes=10, variant="mu/8"), vit.ViT(num_classes=10, variant="mu/8", scan=True)
     images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
     params = unrolled.init(jax.random.PRNGKey(1), images)["params"]
-    stacked = _stack(params)
+    stacked = vit.scanned(params)
     assert jax.tree.structure(stacked) == jax.tree.structure(scanned.init(jax.random.PRNGKey(1), images)["params"])
     assert stacked["blocks"]["block"]["attn"]["qkv"]["kernel"].shape == (4, 64, 192)
     keep = jax.random.permutation(jax.random.PRNGKey(2), 16)[:8][None].repeat(4, 0)
@@ -32,7 +28,7 @@ def test_scanned_blocks_compute_the_unrolled_blocks():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, images, train=True) ** 2))(p)
              for m, p in ((unrolled, params), (scanned, stacked))]
-    for a, b in zip(jax.tree.leaves(_stack(grads[0])), jax.tree.leaves(grads[1])):
+    for a, b in zip(jax.tree.leaves(vit.scanned(grads[0])), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(vit.unstacked(vit.stacked(flatten(params)))["blocks_3/mlp/fc1/kernel"],
                                   flatten(params)["blocks_3/mlp/fc1/kernel"])
@@ -74,13 +70,13 @@ def test_a_scanned_train_step_is_the_unrolled_step():
     """MaskSub masking, LAMB with layer-wise lr decay (a decay per index of the stacked blocks), and
     remat in the scanned step: the same losses and the same updated weights."""
     initial, unrolled_state, unrolled = _one_step(scan=False)
-    _, scanned_state, scanned = _one_step(scan=True, params=_stack(initial))
+    _, scanned_state, scanned = _one_step(scan=True, params=vit.scanned(initial))
     for key in ("loss", "loss_main", "loss_sub", "grad_norm"):
         assert float(scanned[key]) == pytest.approx(float(unrolled[key]), rel=1e-5), key
     expected = vit.stacked(flatten(unrolled_state["params"]))
     for name, value in flatten(scanned_state["params"]).items():
         np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    moved = flatten(jax.tree.map(jnp.subtract, scanned_state["params"], _stack(initial)))
+    moved = flatten(jax.tree.map(jnp.subtract, scanned_state["params"], vit.scanned(initial)))
     first, last = (float(jnp.abs(moved["blocks/block/mlp/fc1/kernel"][i]).mean()) for i in (0, 3))
     assert first < last  # the decayed lr: block 0 moves less than block 3 (0.75^3 of the rate)
 
@@ -91,13 +87,13 @@ def test_init_from_and_the_timm_export_go_between_the_layouts():
     scanned = vit.ViT(num_classes=10, variant="mu/8", scan=True).init(jax.random.PRNGKey(1), images)["params"]
     said = []
     into_scanned = convert.adapt_params(jax.tree.map(np.asarray, unrolled), scanned, say=said.append)
-    for a, b in zip(jax.tree.leaves(into_scanned), jax.tree.leaves(_stack(unrolled))):
+    for a, b in zip(jax.tree.leaves(into_scanned), jax.tree.leaves(vit.scanned(unrolled))):
         np.testing.assert_array_equal(a, b)
     into_unrolled = convert.adapt_params(jax.tree.map(np.asarray, scanned), unrolled, say=said.append)
     assert flatten(into_unrolled).keys() == flatten(unrolled).keys()
     np.testing.assert_array_equal(flatten(into_unrolled)["blocks_2/attn/qkv/kernel"],
                                   flatten(scanned)["blocks/block/attn/qkv/kernel"][2])
-    exported, expected = vit.to_timm(_stack(unrolled)), vit.to_timm(unrolled)
+    exported, expected = vit.to_timm(vit.scanned(unrolled)), vit.to_timm(unrolled)
     assert exported.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(exported[name], expected[name])
