@@ -25,6 +25,8 @@ def pytest_configure(config):
     """Registers the `smoke` marker: the few fast tests CI runs on the oldest versions setup.py accepts."""
     config.addinivalue_line("markers", "smoke: a fast test of one part (train loop, resume, TFDS digits, evaluate, "
                                        "convert, augmentation); `pytest -m smoke` runs them on constraints-min.txt")
+    config.addinivalue_line("markers", "libtpu: compiles for a TPU slice with libtpu (the `tpu` extra); CI job 3 "
+                                       "runs `pytest -m libtpu` with it installed")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ report from this machine's CPU devices, and (with libtpu, CI job 3) the steps co
 
 The TPU tests need libtpu (the `tpu` extra), which the CPU venv must not have (with it JAX tries the
 TPU first). Without it they are skipped with the reason shown and a warning in pytest's summary;
-with MASKSUB_REQUIRE_TPU_PLAN_TESTS=1 (CI job 3, a venv with the extra) a missing libtpu fails them.
+with MASKSUB_REQUIRE_TPU_PLAN_TESTS=1 (CI job 3: `-m libtpu` in job 1's venv with the extra added) a
+missing libtpu fails them.
 """
 import importlib.util
 import math
@@ -18,13 +19,18 @@ from masksub_jax import config as config_lib
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 REQUIRED = os.environ.get("MASKSUB_REQUIRE_TPU_PLAN_TESTS") == "1"
-NO_TPU_REASON = ("libtpu is not installed: the TPU plan tests run in CI job 3 (.ci/run: a venv with "
-                 "pip install -e '.[tpu]'); they were NOT run here")
+NO_TPU_REASON = ("libtpu is not installed: the TPU plan tests run in CI job 3 (.ci/run: pytest -m libtpu "
+                 "after pip install -e '.[tpu]'); they were NOT run here")
 if not HAS_LIBTPU and not REQUIRED:
     warnings.warn(NO_TPU_REASON, stacklevel=1)
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU and not REQUIRED, reason=NO_TPU_REASON)
 
 
+def needs_libtpu(test):
+    """Marked `libtpu` (what CI job 3 selects) and skipped without libtpu unless it is required."""
+    return pytest.mark.libtpu(pytest.mark.skipif(not HAS_LIBTPU and not REQUIRED, reason=NO_TPU_REASON)(test))
+
+
+@pytest.mark.libtpu
 def test_libtpu_present_where_required():
     """CI job 3 sets MASKSUB_REQUIRE_TPU_PLAN_TESTS=1: there a missing libtpu is a failure, not a skip."""
     assert HAS_LIBTPU or not REQUIRED, "MASKSUB_REQUIRE_TPU_PLAN_TESTS=1 but libtpu is not installed: " + NO_TPU_REASON
