@@ -31,7 +31,7 @@ def make_optimizer(config, *, total_steps: int, steps_per_epoch: int):
     tx = optim.make(o.name, schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                     grad_clip_norm=o.grad_clip_norm, no_decay=getattr(family, "NO_DECAY", ()),
                     layer_decay=o.layer_decay, layer_ids=getattr(family, "layer_ids", None), frozen=tuple(o.frozen))
-    if config.model.get("scan"):
+    if config.model.scan:
         tx = optim.in_layout(tx, family.unscanned, family.scanned)
     return tx, schedule
 

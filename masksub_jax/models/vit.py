@@ -197,9 +197,10 @@ class ViT(nn.Module):
                       layerscale_init=self.layerscale_init, dtype=self.dtype, norm_eps=self.norm_eps, act=self.act)
         if self.scan:
             x = ScannedBlocks(depth, not train, self.remat, fields, name="blocks")(x, example_ids)
-        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-        for i in range(0 if self.scan else depth):
-            x = block(**fields, name=f"blocks_{i}")(x, not train, example_ids)
+        else:
+            block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+            for i in range(depth):
+                x = block(**fields, name=f"blocks_{i}")(x, not train, example_ids)
         # The pools average over the kept tokens in the masked sub-branch.
         if self.pool == "avg":
             x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
@@ -246,7 +247,7 @@ def build(config, num_classes: int) -> ViT:
     m = config.model
     return ViT(num_classes=num_classes, variant=m.variant, drop_path=m.drop_path, dropout=m.dropout,
                layerscale_init=m.layerscale_init, pool=m.pool, pre_norm=m.pre_norm, act=m.act, norm_eps=m.norm_eps,
-               head_init_std=m.head_init_std, remat=m.remat, scan=m.get("scan", False), dtype=jnp.dtype(m.dtype))
+               head_init_std=m.head_init_std, remat=m.remat, scan=m.scan, dtype=jnp.dtype(m.dtype))
 
 
 def num_units(config) -> int:
