@@ -6,6 +6,7 @@ TPU first). Without it they are skipped with the reason shown and a warning in p
 with MASKSUB_REQUIRE_TPU_PLAN_TESTS=1 (CI job 3: `-m libtpu` in job 1's venv with the extra added) a
 missing libtpu fails them.
 """
+import dataclasses
 import importlib.util
 import math
 import os
@@ -14,7 +15,7 @@ import warnings
 import jax
 import pytest
 
-from masksub_jax import cli, flops, plan
+from masksub_jax import cli, flops, plan, plan_cache
 from masksub_jax import config as config_lib
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -168,18 +169,37 @@ def tiny_vit(**overrides):
     return config_lib.override(c, overrides)
 
 
-def test_local_cpu_report(test_variants):
-    """--topology=local on this machine's (8 simulated) CPU devices: the real steps, compiled."""
+def test_local_cpu_report_and_the_plan_cache(test_variants, tmp_path):
+    """--topology=local on this machine's (8 simulated) CPU devices: the real steps, compiled. The same
+    plan again is read from the plan cache, the same figures; damaged entries are compiled again and
+    rewritten, not read; another batch is another program."""
     devices = jax.devices()
     config = tiny_vit()
     target = plan.parse_topology("local")
     capacity, peak = plan.capacity_and_peak(target, devices, "float32")
-    p = plan.plan(config, devices, num_classes=10, image_shape=(32, 32, 3), capacity=capacity, peak_flops=peak)
+    cache = str(tmp_path / "plans")
+
+    def local_plan(config):
+        return plan.plan(config, devices, num_classes=10, image_shape=(32, 32, 3), capacity=capacity,
+                         peak_flops=peak, cache_dir=cache)
+    p = local_plan(config)
     assert p.devices == len(devices) and p.fits and p.train.temporaries > 0
     assert p.state_bytes_per_device == p.state_bytes  # fsdp 1: every device holds the whole state
     assert p.train.arguments >= p.state_bytes
     assert p.eval.resident > 0  # the optimizer state stays while the eval step runs
     assert p.flops == pytest.approx(flops.step_flops(config, 10)) and p.flops > 0
+
+    entries = sorted((tmp_path / "plans").iterdir())
+    assert not p.cached and [e.suffix for e in entries] == [".json", ".json"]  # the train and eval steps
+    again = local_plan(config)
+    assert again.cached and dataclasses.replace(again, compile_s=p.compile_s, cached=False) == p
+    entries[0].write_text(entries[0].read_text()[:-5])  # cut short
+    entries[1].write_text(entries[1].read_text().replace('"temporaries": ', '"temporaries": "'))  # not a number
+    recompiled = local_plan(config)
+    assert not recompiled.cached and dataclasses.replace(recompiled, compile_s=p.compile_s) == p
+    assert all(plan_cache.load(cache, e.stem) is not None for e in entries)  # rewritten whole
+    assert not local_plan(config_lib.override(config.copy_and_resolve_references(), {"batch_size": 64})).cached
+    assert len(list((tmp_path / "plans").iterdir())) == 3  # the eval step is the same program as before
 
 
 def slice_plan(config, num_classes=10, topology="v5e:2x2", **kwargs):
@@ -226,6 +246,18 @@ def test_tpu_find_batch_is_monotone(test_variants):
     if good is not None and bad is not None:
         assert bad - good == 64
     assert len(reports) <= 6
+
+
+@needs_libtpu
+def test_tpu_compiler_refusing_a_step_is_a_plan_that_does_not_fit_and_is_cached(test_variants, tmp_path):
+    """A batch of 256k on v5e:2x2: XLA's TPU compiler runs out of HBM; the plan says it does not fit,
+    with the temporaries the compiler named, and the same plan again reads that from the cache."""
+    config = tiny_vit(**{"batch_size": 4 * 65536})
+    refused = slice_plan(config, evaluate=False, cache_dir=str(tmp_path))
+    assert refused.out_of_memory.startswith("RESOURCE_EXHAUSTED") and refused.fits is False
+    assert refused.train.temporaries == plan._required_temporaries(refused.out_of_memory) > refused.capacity
+    again = slice_plan(config, evaluate=False, cache_dir=str(tmp_path))
+    assert again.cached and dataclasses.replace(again, compile_s=refused.compile_s, cached=False) == refused
 
 
 def test_find_batch_without_a_memory_limit_is_an_error_before_compiling(test_variants, monkeypatch, capsys):
