@@ -59,6 +59,7 @@ plans run side by side.
 """
 from masksub_jax import cli  # noqa: I001  (first: it quiets TensorFlow's C++ logging before TF loads)
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -316,8 +317,8 @@ class Plan:
 
 def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacity: int | None = None,
          peak_flops: float | None = None, evaluate: bool = True, cache_dir: str | None = None) -> Plan:
-    """Lowers and compiles the trainer's train (and eval) step for `config` on a mesh of `devices`; what
-    the compiler says is kept in and read from `cache_dir` (plan_cache)."""
+    """Lowers and compiles the trainer's train (and eval) step for `config` on a mesh of `devices`, the
+    two side by side; what the compiler says is kept in and read from `cache_dir` (plan_cache)."""
     config_lib.validate(config, num_devices=len(devices))  # the trainer's checks against the device count
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -339,16 +340,19 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
     batch_shardings = jax.tree.map(lambda _: batch_sharding, batch)
     lowered = train_step.lower(_placed(abstract_state, state_sharding), _placed(batch, batch_shardings),
                                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
-    train, cached = _compile(lowered, devices, cache_dir)
-    if evaluate:
-        variables_sharding = step_lib.variables(state_sharding)
-        eval_step = jax.jit(step_lib.make_eval_step(config, model, num_classes),
-                            in_shardings=(variables_sharding, batch_sharding), out_shardings=replicated)
-        eval_batch = eval_batch_spec(config.eval_batch_size, image_shape)
-        eval_lowered = eval_step.lower(_placed(step_lib.variables(abstract_state), variables_sharding),
-                                       _placed(eval_batch, jax.tree.map(lambda _: batch_sharding, eval_batch)))
-        evaluation, eval_cached = _compile(eval_lowered, devices, cache_dir)
-        cached = cached and eval_cached
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # XLA compiles without holding Python's lock
+        if evaluate:
+            variables_sharding = step_lib.variables(state_sharding)
+            eval_step = jax.jit(step_lib.make_eval_step(config, model, num_classes),
+                                in_shardings=(variables_sharding, batch_sharding), out_shardings=replicated)
+            eval_batch = eval_batch_spec(config.eval_batch_size, image_shape)
+            eval_lowered = eval_step.lower(_placed(step_lib.variables(abstract_state), variables_sharding),
+                                           _placed(eval_batch, jax.tree.map(lambda _: batch_sharding, eval_batch)))
+            eval_future = pool.submit(_compile, eval_lowered, devices, cache_dir)
+        train, cached = _compile(lowered, devices, cache_dir)
+        if evaluate:
+            evaluation, eval_cached = eval_future.result()
+            cached = cached and eval_cached
     flops = flops_lib.step_flops(config, num_classes)
     common = dict(batch=config.batch_size, devices=len(devices), mesh=dict(mesh.shape), state_bytes=state_bytes,
                   state_bytes_per_device=state_per_device, capacity=capacity, peak_flops=peak_flops, flops=flops,
