@@ -564,6 +564,9 @@ def _plan_command(f) -> None:
     if capacity is None and f.find_batch:
         raise cli.CommandError(f"--find_batch needs the memory per device, which {f.topology}'s devices do not report: "
                                "give it with --hbm_gib=GIB.")
+    if f.cache_dir and (why := plan_cache.unwritable(f.cache_dir)):
+        raise cli.CommandError(f"--cache_dir={f.cache_dir} cannot hold the plan cache ({why}): give a directory you "
+                               "can write, or --cache_dir= to keep nothing.")
     family = models.of(config)
     print(f"Plan: {family.describe(config)} at {config.data.image_size} px, {num_classes} classes, MaskSub "
           f"{config.masksub.mode} {config.masksub.ratio}, {config.model.dtype}, global batch {config.batch_size} "

@@ -44,6 +44,16 @@ def key(lowered, devices: list) -> str:
     return digest.hexdigest()
 
 
+def unwritable(directory: str) -> str | None:
+    """Why entries cannot be written to `directory` (asked before minutes of compiling), or None."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+
+
 def load(directory: str | None, entry: str) -> dict | None:
     """The outcome kept under `entry`, or None (no directory, no entry, or one not whole)."""
     if not directory:

@@ -260,6 +260,19 @@ def test_tpu_compiler_refusing_a_step_is_a_plan_that_does_not_fit_and_is_cached(
     assert again.cached and dataclasses.replace(again, compile_s=refused.compile_s, cached=False) == refused
 
 
+def test_a_cache_dir_that_cannot_be_written_is_an_error_before_compiling(test_variants, monkeypatch, tmp_path, capsys):
+    import types
+    monkeypatch.setattr(plan, "plan", lambda *args, **kwargs: pytest.fail("compiled before the error"))
+    (tmp_path / "a_file").write_text("")
+    flags = types.SimpleNamespace(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None,
+                                  find_batch=False, suggest=True, mfu=0.4, max_batch=None,
+                                  cache_dir=str(tmp_path / "a_file" / "plans"))
+    with pytest.raises(cli.CommandError, match=r"a_file/plans cannot hold the plan cache \(NotADirectoryError.*"
+                       r"or --cache_dir= to keep nothing"):
+        plan._plan_command(flags)
+    assert capsys.readouterr().out == ""
+
+
 def test_find_batch_without_a_memory_limit_is_an_error_before_compiling(test_variants, monkeypatch, capsys):
     """Devices that report no memory limit (some GPUs): --find_batch cannot search, so it says so and
     names --hbm_gib, before any compile; with --hbm_gib it has a capacity to search against."""
