@@ -50,9 +50,8 @@ ViT-B plan above took 90 s here instead of 145 s,
 needing 8.13 GiB per chip (XLA's FLOP count then has a loop's body once, so it is not shown).
 
 What the compiler said about each step is kept in ~/.cache/masksub_jax/plans (--cache_dir; '' keeps
-nothing), keyed by the lowered program, the devices, the versions and the XLA flags (plan_cache): the
-same plan again, say with --find_batch after a plain plan, reads it back (the ViT-B plan above: 3.6 s
-instead of 162 s).
+nothing), keyed by all the compile depends on (plan_cache): the same plan again, say with --find_batch
+after a plain plan, reads it back (the ViT-B plan above: 3.6 s instead of 162 s).
 
 Only one process at a time may load libtpu (/tmp/libtpu_lockfile); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets
 plans run side by side.
@@ -64,6 +63,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 
 import jax
@@ -172,6 +172,15 @@ def parse_topology(name: str) -> Target:
     raise ValueError(f"--topology={name} is not a slice name; use {FORMS}.")
 
 
+def topology_args(target: Target) -> dict:
+    """What libtpu is asked to describe for a slice (`jax.experimental.topologies.get_topology_desc`)."""
+    shape = target.shape + (1,) * (3 - len(target.shape))
+    host = tuple(min(side, bound) for side, bound in zip(shape, (2, 2, 1)))  # chips per host, as MaxText's AOT
+    wrap = tuple(side >= 4 for side in shape) if target.chips >= 64 else (False,) * 3  # full cubes are tori
+    return dict(platform="tpu", topology_name=target.topology_name, chip_config_name=target.chip.chip_config,
+                chips_per_host_bounds=host, num_slices=1, wrap=wrap)
+
+
 def slice_devices(target: Target) -> list:
     """The slice's devices as libtpu describes them (compile-only: nothing runs on them), or this
     machine's devices for `local`."""
@@ -181,13 +190,8 @@ def slice_devices(target: Target) -> list:
     # libtpu asks the VM's metadata for these; off a TPU VM it warns at length without them.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name)
-    shape = target.shape + (1,) * (3 - len(target.shape))
-    host = tuple(min(side, bound) for side, bound in zip(shape, (2, 2, 1)))  # chips per host, as MaxText's AOT
-    wrap = tuple(side >= 4 for side in shape) if target.chips >= 64 else (False,) * 3  # full cubes are tori
     try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
-                                               chip_config_name=target.chip.chip_config, chips_per_host_bounds=host,
-                                               num_slices=1, wrap=wrap).devices
+        devices = topologies.get_topology_desc(**topology_args(target)).devices
     except RuntimeError as e:  # jax's "JAX TPU support not installed", or libtpu refusing the shape
         if "not installed" in str(e):
             raise cli.CommandError("planning for a TPU slice needs libtpu: pip install -e '.[tpu]' -c constraints.txt "
@@ -277,9 +281,8 @@ class StepMemory:
         return self.arguments + self.outputs - self.aliased + self.temporaries + self.resident
 
     @classmethod
-    def of(cls, outcome: dict, resident: int = 0) -> "StepMemory":
-        """From a compile's outcome (`_compile`)."""
-        return cls(outcome["arguments"], outcome["outputs"], outcome["aliased"], outcome["temporaries"], resident)
+    def of(cls, outcome: plan_cache.Outcome, resident: int = 0) -> "StepMemory":
+        return cls(outcome.arguments, outcome.outputs, outcome.aliased, outcome.temporaries, resident)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,8 +299,8 @@ class Plan:
     peak_flops: float | None
     flops: float | None  # model FLOPs per step, whole batch
     xla_flops: float | None  # XLA's count for one device's program
-    compile_s: float
-    out_of_memory: str | None = None  # XLA's TPU compiler refused the step: its message
+    compile_s: float  # to compile the steps, or to read what the compiler said from the plan cache
+    out_of_memory: str | None = None  # XLA's TPU compiler refused a step: "train step: " or "eval step: " its message
     cached: bool = False  # what the compiler said was read from the plan cache, not compiled now
 
     @property
@@ -316,9 +319,10 @@ class Plan:
 
 
 def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacity: int | None = None,
-         peak_flops: float | None = None, evaluate: bool = True, cache_dir: str | None = None) -> Plan:
+         peak_flops: float | None = None, evaluate: bool = True, cache: plan_cache.Cache | None = None) -> Plan:
     """Lowers and compiles the trainer's train (and eval) step for `config` on a mesh of `devices`, the
-    two side by side; what the compiler says is kept in and read from `cache_dir` (plan_cache)."""
+    two side by side (more host memory; on spare cores the eval step compiles behind the train step);
+    what the compiler says is kept in and read from `cache`."""
     config_lib.validate(config, num_devices=len(devices))  # the trainer's checks against the device count
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -346,10 +350,11 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
             eval_step = jax.jit(step_lib.make_eval_step(config, model, num_classes),
                                 in_shardings=(variables_sharding, batch_sharding), out_shardings=replicated)
             eval_batch = eval_batch_spec(config.eval_batch_size, image_shape)
+            eval_batch_shardings = jax.tree.map(lambda _: batch_sharding, eval_batch)
             eval_lowered = eval_step.lower(_placed(step_lib.variables(abstract_state), variables_sharding),
-                                           _placed(eval_batch, jax.tree.map(lambda _: batch_sharding, eval_batch)))
-            eval_future = pool.submit(_compile, eval_lowered, devices, cache_dir)
-        train, cached = _compile(lowered, devices, cache_dir)
+                                           _placed(eval_batch, eval_batch_shardings))
+            eval_future = pool.submit(_compile, eval_lowered, devices, cache)
+        train, cached = _compile(lowered, devices, cache)
         if evaluate:
             evaluation, eval_cached = eval_future.result()
             cached = cached and eval_cached
@@ -357,38 +362,40 @@ def plan(config, devices: list, *, num_classes: int, image_shape: tuple, capacit
     common = dict(batch=config.batch_size, devices=len(devices), mesh=dict(mesh.shape), state_bytes=state_bytes,
                   state_bytes_per_device=state_per_device, capacity=capacity, peak_flops=peak_flops, flops=flops,
                   compile_s=time.perf_counter() - start, cached=cached)
-    if train["out_of_memory"]:
+    if train.out_of_memory:  # the eval step's outcome is not needed
         memory = StepMemory(arguments=state_per_device + bytes_per_device(batch, batch_shardings), outputs=0,
-                            aliased=0, temporaries=_required_temporaries(train["out_of_memory"]))
-        return Plan(**common, train=memory, eval=None, xla_flops=None, out_of_memory=train["out_of_memory"])
-    if evaluate and evaluation["out_of_memory"]:
-        raise cli.CommandError(f"the eval step does not fit (XLA's TPU compiler: {evaluation['out_of_memory']}); "
-                               "lower --config.eval_batch_size.")
-    not_taken = state_per_device - bytes_per_device(step_lib.variables(abstract_state),
-                                                    step_lib.variables(state_sharding))
-    return Plan(**common, train=StepMemory.of(train), eval=StepMemory.of(evaluation, resident=not_taken)
-                if evaluate else None,
-                xla_flops=None if config.model.scan else train["xla_flops"])  # XLA counts a loop's body once
+                            aliased=0, temporaries=_required_temporaries(train.out_of_memory))
+        return Plan(**common, train=memory, eval=None, xla_flops=None,
+                    out_of_memory="train step: " + train.out_of_memory)
+    evaluation_memory = None
+    if evaluate:
+        variables_per_device = bytes_per_device(step_lib.variables(abstract_state), variables_sharding)
+        not_taken = state_per_device - variables_per_device
+        if evaluation.out_of_memory:
+            common["out_of_memory"] = "eval step: " + evaluation.out_of_memory
+            evaluation_memory = StepMemory(variables_per_device + bytes_per_device(eval_batch, eval_batch_shardings),
+                                           0, 0, _required_temporaries(evaluation.out_of_memory), not_taken)
+        else:
+            evaluation_memory = StepMemory.of(evaluation, resident=not_taken)
+    return Plan(**common, train=StepMemory.of(train), eval=evaluation_memory,
+                xla_flops=None if config.model.scan else train.xla_flops)  # XLA counts a scanned loop's body once
 
 
-def _compile(lowered, devices: list, cache_dir: str | None) -> tuple[dict, bool]:
-    """What the compiler says about `lowered` (plan_cache's fields) and whether it came from the cache."""
-    entry = plan_cache.key(lowered, devices) if cache_dir else None
-    if (kept := plan_cache.load(cache_dir, entry)) is not None:
+def _compile(lowered, devices: list, cache: plan_cache.Cache | None) -> tuple[plan_cache.Outcome, bool]:
+    """What the compiler says about `lowered`, and whether it was read from `cache`."""
+    key = cache.key(lowered, devices) if cache else None
+    if cache and (kept := cache.load(key)) is not None:
         return kept, True
-    outcome = dict(arguments=0, outputs=0, aliased=0, temporaries=0, xla_flops=None, out_of_memory=None)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that cannot fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        outcome["out_of_memory"] = " ".join(str(e).split())
+        outcome = plan_cache.Outcome(out_of_memory=" ".join(str(e).split()))
     else:
-        m = compiled.memory_analysis()
-        outcome.update(arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
-                       aliased=int(m.alias_size_in_bytes), temporaries=int(m.temp_size_in_bytes),
-                       xla_flops=_xla_flops(compiled))
-    plan_cache.save(cache_dir, entry, outcome)
+        outcome = plan_cache.Outcome.of(compiled, _xla_flops(compiled))
+    if cache:
+        cache.save(key, outcome)
     return outcome, False
 
 
@@ -528,8 +535,10 @@ def format_plan(p: Plan, mfu: float) -> list[str]:
 
 def verdict(p: Plan) -> str:
     if p.out_of_memory:
-        said = p.out_of_memory.partition("RESOURCE_EXHAUSTED: ")[2] or p.out_of_memory
-        return f"Does not fit: XLA's TPU compiler ran out of HBM: {said}"
+        step, _, message = p.out_of_memory.partition(": ")
+        said = message.partition("RESOURCE_EXHAUSTED: ")[2] or message
+        lower = "; a smaller --config.eval_batch_size would" if step == "eval step" else ""
+        return f"Does not fit: XLA's TPU compiler ran out of HBM for the {step}: {said}{lower}"
     if p.fits is None:
         return "Fit unknown: JAX reports no memory limit for this device."
     if p.fits:
@@ -550,8 +559,11 @@ def main(argv):
 
 def _plan_command(f) -> None:
     target = parse_topology(f.topology)
-    if target.chip is not None and "JAX_PLATFORMS" not in os.environ:
-        jax.config.update("jax_platforms", "cpu")  # this machine computes nothing; libtpu only describes the slice
+    if target.chip is not None:
+        if "JAX_PLATFORMS" not in os.environ:
+            jax.config.update("jax_platforms", "cpu")  # this machine computes nothing; libtpu only describes the slice
+        # JAX's cache would write each TPU executable and then fail to load it (a compile-only client).
+        jax.config.update("jax_enable_compilation_cache", False)
     config = f.config.copy_and_resolve_references()
     with config.unlocked():
         config.init_from = None  # the weights do not change what the steps need
@@ -564,9 +576,15 @@ def _plan_command(f) -> None:
     if capacity is None and f.find_batch:
         raise cli.CommandError(f"--find_batch needs the memory per device, which {f.topology}'s devices do not report: "
                                "give it with --hbm_gib=GIB.")
-    if f.cache_dir and (why := plan_cache.unwritable(f.cache_dir)):
-        raise cli.CommandError(f"--cache_dir={f.cache_dir} cannot hold the plan cache ({why}): give a directory you "
-                               "can write, or --cache_dir= to keep nothing.")
+    described = repr(topology_args(target)) if target.chip else "local"
+    cache = plan_cache.Cache(f.cache_dir, described) if f.cache_dir else None
+    if cache and (why := plan_cache.unwritable(f.cache_dir)):
+        if f.cache_dir != plan_cache.default_directory():
+            raise cli.CommandError(f"--cache_dir={f.cache_dir} cannot hold the plan cache ({why}): give a directory "
+                                   "you can write, or --cache_dir= to keep nothing.")
+        print(f"warning: no plan cache: {f.cache_dir} cannot be written ({why}); --cache_dir=DIR gives another.",
+              file=sys.stderr, flush=True)
+        cache = None
     family = models.of(config)
     print(f"Plan: {family.describe(config)} at {config.data.image_size} px, {num_classes} classes, MaskSub "
           f"{config.masksub.mode} {config.masksub.ratio}, {config.model.dtype}, global batch {config.batch_size} "
@@ -574,7 +592,7 @@ def _plan_command(f) -> None:
           f"remat {config.model.remat}" + (", scanned blocks" if config.model.scan else ""), flush=True)
     print(f"Target: {f.topology} = {target.describe() if target.chip else sharding.describe_devices()}", flush=True)
     common = dict(num_classes=num_classes, image_shape=image_shape, capacity=capacity, peak_flops=peak,
-                  cache_dir=f.cache_dir or None)
+                  cache=cache)
     if target.chip is not None:  # XLA's TPU compiler takes minutes on a small machine: say so before it starts
         print(f"Compiling the train and eval steps for {target.name} with XLA's TPU compiler unless the plan cache "
               "has them (ViT-B took 2.4 min on 2 CPU cores, 1.5 min with model.scan and model.remat)...", flush=True)
@@ -582,8 +600,9 @@ def _plan_command(f) -> None:
     done = (f"Read what the compiler said from the plan cache ({f.cache_dir}; --cache_dir= compiles again) in "
             f"{base.compile_s:.1f} s"
             if base.cached else f"Compiled the train and eval steps in {base.compile_s:.1f} s")
-    print(f"{done}: XLA's TPU compiler refused the train step, out of HBM (jax {jax.__version__})."
-          if base.out_of_memory else f"{done} (jax {jax.__version__}).")
+    refused = base.out_of_memory.partition(":")[0] if base.out_of_memory else None
+    print(f"{done}: XLA's TPU compiler refused the {refused}, out of HBM (jax {jax.__version__})."
+          if refused else f"{done} (jax {jax.__version__}).")
     print("\n".join(format_plan(base, f.mfu)))
     print(verdict(base), flush=True)
     eval_needs = base.eval.total if base.eval else 0

@@ -8,11 +8,13 @@ missing libtpu fails them.
 """
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import warnings
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from masksub_jax import cli, flops, plan, plan_cache
@@ -95,9 +97,12 @@ def test_out_of_memory_from_the_compiler():
     step = plan.StepMemory(arguments=2**30, outputs=0, aliased=0, temporaries=plan._required_temporaries(message))
     p = plan.Plan(batch=2048, devices=8, mesh={"data": 8, "fsdp": 1}, state_bytes=2**30, state_bytes_per_device=2**30,
                   train=step, eval=None, capacity=16 * 2**30, peak_flops=197e12, flops=None, xla_flops=None,
-                  compile_s=1.0, out_of_memory=message)
+                  compile_s=1.0, out_of_memory="train step: " + message)
     assert p.fits is False and p.needed > p.capacity
+    assert plan.verdict(p).startswith("Does not fit: XLA's TPU compiler ran out of HBM for the train step: Ran out")
     assert plan.verdict(p).endswith("exceeds available HBM (15.75G).") and "\n" not in plan.verdict(p)
+    in_eval = plan.verdict(dataclasses.replace(p, out_of_memory="eval step: " + message))
+    assert "for the eval step: Ran out" in in_eval and in_eval.endswith("a smaller --config.eval_batch_size would")
 
 
 @pytest.mark.parametrize("start", [8, 64, 96, 4096])
@@ -177,11 +182,11 @@ def test_local_cpu_report_and_the_plan_cache(test_variants, tmp_path):
     config = tiny_vit()
     target = plan.parse_topology("local")
     capacity, peak = plan.capacity_and_peak(target, devices, "float32")
-    cache = str(tmp_path / "plans")
+    cache = plan_cache.Cache(str(tmp_path / "plans"))
 
     def local_plan(config):
         return plan.plan(config, devices, num_classes=10, image_shape=(32, 32, 3), capacity=capacity,
-                         peak_flops=peak, cache_dir=cache)
+                         peak_flops=peak, cache=cache)
     p = local_plan(config)
     assert p.devices == len(devices) and p.fits and p.train.temporaries > 0
     assert p.state_bytes_per_device == p.state_bytes  # fsdp 1: every device holds the whole state
@@ -194,12 +199,73 @@ def test_local_cpu_report_and_the_plan_cache(test_variants, tmp_path):
     again = local_plan(config)
     assert again.cached and dataclasses.replace(again, compile_s=p.compile_s, cached=False) == p
     entries[0].write_text(entries[0].read_text()[:-5])  # cut short
-    entries[1].write_text(entries[1].read_text().replace('"temporaries": ', '"temporaries": "'))  # not a number
+    kept = json.loads(entries[1].read_text())
+    entries[1].write_text(json.dumps({**kept, "temporaries": str(kept["temporaries"])}))  # whole JSON, not a number
     recompiled = local_plan(config)
     assert not recompiled.cached and dataclasses.replace(recompiled, compile_s=p.compile_s) == p
-    assert all(plan_cache.load(cache, e.stem) is not None for e in entries)  # rewritten whole
+    assert all(cache.load(e.stem) is not None for e in entries)  # rewritten whole
+    assert json.loads(entries[1].read_text())["temporaries"] == kept["temporaries"]
     assert not local_plan(config_lib.override(config.copy_and_resolve_references(), {"batch_size": 64})).cached
     assert len(list((tmp_path / "plans").iterdir())) == 3  # the eval step is the same program as before
+
+
+def test_an_outcome_is_read_only_whole():
+    whole = {"arguments": 1, "outputs": 2, "aliased": 0, "temporaries": 3, "xla_flops": 4.5, "out_of_memory": None}
+    assert plan_cache.Outcome.from_json(json.dumps(whole)) == plan_cache.Outcome(1, 2, 0, 3, 4.5, None)
+    refused = {**whole, "xla_flops": None, "out_of_memory": "RESOURCE_EXHAUSTED: ..."}
+    assert plan_cache.Outcome.from_json(json.dumps(refused)).out_of_memory == "RESOURCE_EXHAUSTED: ..."
+    missing = {k: v for k, v in whole.items() if k != "aliased"}
+    for damaged in [json.dumps(missing), json.dumps({**whole, "extra": 1}), json.dumps({**whole, "outputs": "2"}),
+                    json.dumps({**whole, "xla_flops": "4.5"}), json.dumps([1, 2]), json.dumps(whole)[:-1], ""]:
+        assert plan_cache.Outcome.from_json(damaged) is None, damaged
+
+
+KEY_OF_A_TINY_STEP = """
+import json, jax, jax.numpy as jnp
+from masksub_jax import plan_cache
+lowered = jax.jit(lambda x: jnp.tanh(x @ x.T).sum()).lower(jnp.ones((16, 16)))
+print(plan_cache.Cache("unused", "slice").key(lowered, jax.devices()))
+"""
+
+
+def test_the_cache_key_holds_what_the_compile_depends_on(monkeypatch):
+    """The same step in another process has the same key; XLA's flags, a JAX setting, the slice or
+    the devices change it."""
+    import subprocess
+    import sys
+    lowered = jax.jit(lambda x: jnp.tanh(x @ x.T).sum()).lower(jnp.ones((16, 16)))
+    cache, devices = plan_cache.Cache("unused", "slice"), jax.devices()
+    key = cache.key(lowered, devices)
+    there = subprocess.run([sys.executable, "-c", KEY_OF_A_TINY_STEP], capture_output=True, text=True, check=True)
+    assert there.stdout.strip() == key
+    assert cache.key(jax.jit(lambda x: jnp.tanh(x @ x.T).mean()).lower(jnp.ones((16, 16))), devices) != key
+    assert plan_cache.Cache("unused", "another slice").key(lowered, devices) != key
+    assert cache.key(lowered, devices[:4]) != key
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_latency_hiding_scheduler=false")
+    assert cache.key(lowered, devices) != key
+    monkeypatch.delenv("LIBTPU_INIT_ARGS")
+    assert cache.key(lowered, devices) == key
+    jax.config.update("jax_compiler_enable_remat_pass", False)
+    try:
+        assert cache.key(lowered, devices) != key
+    finally:
+        jax.config.update("jax_compiler_enable_remat_pass", True)
+
+
+def test_an_unwritable_default_cache_is_a_warning_and_no_cache(test_variants, monkeypatch, tmp_path, capsys):
+    """A read-only home planned before the cache existed: it still plans, compiling every time."""
+    import types
+    (tmp_path / "a_file").write_text("")
+    unwritable = str(tmp_path / "a_file" / "plans")
+    monkeypatch.setattr(plan_cache, "default_directory", lambda: unwritable)
+    asked = []
+    monkeypatch.setattr(plan, "plan", lambda *args, **kwargs: asked.append(kwargs) or pytest.fail("planned"))
+    flags = types.SimpleNamespace(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None,
+                                  find_batch=False, suggest=True, mfu=0.4, max_batch=None, cache_dir=unwritable)
+    with pytest.raises(pytest.fail.Exception, match="planned"):
+        plan._plan_command(flags)
+    assert asked[0]["cache"] is None
+    assert capsys.readouterr().err.startswith(f"warning: no plan cache: {unwritable} cannot be written")
 
 
 def slice_plan(config, num_classes=10, topology="v5e:2x2", **kwargs):
@@ -249,14 +315,19 @@ def test_tpu_find_batch_is_monotone(test_variants):
 
 
 @needs_libtpu
-def test_tpu_compiler_refusing_a_step_is_a_plan_that_does_not_fit_and_is_cached(test_variants, tmp_path):
-    """A batch of 256k on v5e:2x2: XLA's TPU compiler runs out of HBM; the plan says it does not fit,
-    with the temporaries the compiler named, and the same plan again reads that from the cache."""
-    config = tiny_vit(**{"batch_size": 4 * 65536})
-    refused = slice_plan(config, evaluate=False, cache_dir=str(tmp_path))
-    assert refused.out_of_memory.startswith("RESOURCE_EXHAUSTED") and refused.fits is False
-    assert refused.train.temporaries == plan._required_temporaries(refused.out_of_memory) > refused.capacity
-    again = slice_plan(config, evaluate=False, cache_dir=str(tmp_path))
+@pytest.mark.parametrize("step, changes", [("train", {"batch_size": 2**18}), ("eval", {"eval_batch_size": 2**20})])
+def test_tpu_compiler_refusing_a_step_is_a_plan_that_does_not_fit_and_is_cached(test_variants, tmp_path, step,
+                                                                                  changes):
+    """A train batch of 256k or an eval batch of 1M on v5e:2x2: XLA's TPU compiler runs out of HBM; the
+    plan says which step does not fit, with the temporaries the compiler named, and the same plan
+    again reads that from the plan cache."""
+    config, cache = tiny_vit(**changes), plan_cache.Cache(str(tmp_path))
+    refused = slice_plan(config, evaluate=step == "eval", cache=cache)
+    assert refused.out_of_memory.startswith(f"{step} step: RESOURCE_EXHAUSTED") and refused.fits is False
+    memory = refused.train if step == "train" else refused.eval
+    assert memory.temporaries == plan._required_temporaries(refused.out_of_memory) > refused.capacity
+    assert f"for the {step} step" in plan.verdict(refused)
+    again = slice_plan(config, evaluate=step == "eval", cache=cache)
     assert again.cached and dataclasses.replace(again, compile_s=refused.compile_s, cached=False) == refused
 
 
