@@ -71,9 +71,10 @@ def test_measure_steps_reports_every_mode():
 
 def test_memory_lean_does_not_raise_the_compiled_peak_of_masksub():
     """On the H100 the lean order brings MaskSub's peak to the baseline's (BENCHMARKS.md); XLA's CPU
-    buffer assignment does not profit from it (measured: within 1% of the fused peak, either side),
-    so here it must only not hurt by more than that."""
-    config = tiny_digits_config("/unused", batch_size=64, **{"model.variant": "Ti/4", "data.image_size": 32,
+    buffer assignment does not profit from it (measured: within 1% of the fused peak, either side;
+    ViT-mu/4 here, 4 blocks of width 64 at 64 tokens: 0.10% above it, ViT-Ti/4 0.52% in twice the
+    time), so here it must only not hurt by more than that."""
+    config = tiny_digits_config("/unused", batch_size=64, **{"model.variant": "mu/4", "data.image_size": 32,
                                                             "data.mean": (0.5,) * 3, "data.std": (0.5,) * 3})
     fused = bench.measure_steps(config, ["none", "masking"], ratio=0.5, num_classes=10, rounds=1, warmup=0)
     config.masksub.memory_lean = True
