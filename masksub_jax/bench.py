@@ -51,7 +51,7 @@ from masksub_jax import config as config_lib  # noqa: E402
 from masksub_jax import masksub, models  # noqa: E402
 from masksub_jax import step as step_lib  # noqa: E402
 from masksub_jax.augment import spec  # noqa: E402
-from masksub_jax.flops import peak_flops, step_flops  # noqa: E402
+from masksub_jax.flops import peak_flops, step_flops, xla_flops  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file whose model and recipe are measured.",
                                 lock_config=True)
@@ -74,12 +74,6 @@ flags.DEFINE_list("augment_on", ["host"], "input: where the per-pixel ops run, h
 flags.DEFINE_integer("files", 100_000, "listing: files in the tree.")
 flags.DEFINE_string("data_dir", os.path.join(os.path.expanduser("~"), ".cache", "masksub_jax", "generated"),
                     "input: where the generated JPEG data set is built (once).")
-
-def _xla_flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
 
 def _peak_memory(compiled) -> int | None:
     m = compiled.memory_analysis()
@@ -140,13 +134,13 @@ def measure_steps(config, modes, *, ratio: float, num_classes: int, rounds: int,
     results = []
     for mode, runner in runners.items():
         step_s = float(np.median(times[mode]))
-        flops = step_flops(runner.config, num_classes) or _xla_flops(runner.compiled)
+        flops = step_flops(runner.config, num_classes) or xla_flops(runner.compiled)
         results.append({
             "mode": mode, "ratio": runner.config.masksub.ratio, "variant": models.of(config).describe(config),
             "image_size": config.data.image_size, "batch": config.batch_size, "dtype": config.model.dtype,
             "memory_lean": config.masksub.memory_lean, "step_time_s": step_s, "step_times_s": times[mode],
             "images_per_s": config.batch_size / step_s, "compile_s": runner.compile_s,
-            "flops_per_step": flops, "xla_flops_per_step": _xla_flops(runner.compiled),
+            "flops_per_step": flops, "xla_flops_per_step": xla_flops(runner.compiled),
             "mfu": flops / step_s / peak if peak else None, "peak_memory_bytes": _peak_memory(runner.compiled),
             "device": device.device_kind, "device_count": 1, "jax": jax.__version__,
             "host": platform.node(), "cpu_count": os.cpu_count(),

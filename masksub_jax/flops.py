@@ -36,3 +36,11 @@ def step_flops(config, num_classes: int) -> float | None:
         kept = masksub.num_kept(family.num_units(c), c.masksub.ratio) if c.masksub.mode == "masking" else None
         flops += family.forward_flops(c, num_classes, kept)
     return 3 * c.batch_size * flops
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's own count for one device's compiled program (a loop's body counted once); None where it
+    gives none."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None

@@ -393,7 +393,7 @@ def _compile(lowered, devices: list, cache: plan_cache.Cache | None) -> tuple[pl
             raise
         outcome = plan_cache.Outcome(out_of_memory=" ".join(str(e).split()))
     else:
-        outcome = plan_cache.Outcome.of(compiled, _xla_flops(compiled))
+        outcome = plan_cache.Outcome.of(compiled, flops_lib.xla_flops(compiled))
     if cache:
         cache.save(key, outcome)
     return outcome, False
@@ -404,12 +404,6 @@ def _required_temporaries(message: str) -> int:
     (32.14G) exceeds available HBM (15.75G)"); 0 where it names none."""
     m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
     return int(float(m[1]) * 1024 ** "KMGT".index(m[2]) * 1024) if m else 0
-
-
-def _xla_flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 def with_changes(config, **changes):
