@@ -304,6 +304,11 @@ class Plan:
     cached: bool = False  # what the compiler said was read from the plan cache, not compiled now
 
     @property
+    def refused_step(self) -> str | None:
+        """"train step" or "eval step" where XLA's compiler refused one, else None."""
+        return self.out_of_memory.partition(": ")[0] if self.out_of_memory else None
+
+    @property
     def needed(self) -> int:
         return max(self.train.total, self.eval.total if self.eval else 0)
 
@@ -529,10 +534,10 @@ def format_plan(p: Plan, mfu: float) -> list[str]:
 
 def verdict(p: Plan) -> str:
     if p.out_of_memory:
-        step, _, message = p.out_of_memory.partition(": ")
+        message = p.out_of_memory.partition(": ")[2]
         said = message.partition("RESOURCE_EXHAUSTED: ")[2] or message
-        lower = "; a smaller --config.eval_batch_size would" if step == "eval step" else ""
-        return f"Does not fit: XLA's TPU compiler ran out of HBM for the {step}: {said}{lower}"
+        lower = "; a smaller --config.eval_batch_size would" if p.refused_step == "eval step" else ""
+        return f"Does not fit: XLA's TPU compiler ran out of HBM for the {p.refused_step}: {said}{lower}"
     if p.fits is None:
         return "Fit unknown: JAX reports no memory limit for this device."
     if p.fits:
@@ -594,9 +599,8 @@ def _plan_command(f) -> None:
     done = (f"Read what the compiler said from the plan cache ({f.cache_dir}; --cache_dir= compiles again) in "
             f"{base.compile_s:.1f} s"
             if base.cached else f"Compiled the train and eval steps in {base.compile_s:.1f} s")
-    refused = base.out_of_memory.partition(":")[0] if base.out_of_memory else None
-    print(f"{done}: XLA's TPU compiler refused the {refused}, out of HBM (jax {jax.__version__})."
-          if refused else f"{done} (jax {jax.__version__}).")
+    print(f"{done}: XLA's TPU compiler refused the {base.refused_step}, out of HBM (jax {jax.__version__})."
+          if base.refused_step else f"{done} (jax {jax.__version__}).")
     print("\n".join(format_plan(base, f.mfu)))
     print(verdict(base), flush=True)
     eval_needs = base.eval.total if base.eval else 0

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import types
 import warnings
 
 import jax
@@ -251,16 +252,21 @@ def test_the_cache_key_holds_what_the_compile_depends_on(monkeypatch):
         jax.config.update("jax_compiler_enable_remat_pass", True)
 
 
+def command_flags(**overrides):
+    """What `_plan_command` reads of absl's flags, for a tiny ViT on this machine's devices."""
+    defaults = dict(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None, find_batch=False,
+                    suggest=True, mfu=0.4, max_batch=None, cache_dir=None)
+    return types.SimpleNamespace(**{**defaults, **overrides})
+
+
 def test_an_unwritable_default_cache_is_a_warning_and_no_cache(test_variants, monkeypatch, tmp_path, capsys):
     """A read-only home planned before the cache existed: it still plans, compiling every time."""
-    import types
     (tmp_path / "a_file").write_text("")
     unwritable = str(tmp_path / "a_file" / "plans")
     monkeypatch.setattr(plan_cache, "default_directory", lambda: unwritable)
     asked = []
     monkeypatch.setattr(plan, "plan", lambda *args, **kwargs: asked.append(kwargs) or pytest.fail("planned"))
-    flags = types.SimpleNamespace(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None,
-                                  find_batch=False, suggest=True, mfu=0.4, max_batch=None, cache_dir=unwritable)
+    flags = command_flags(cache_dir=unwritable)
     with pytest.raises(pytest.fail.Exception, match="planned"):
         plan._plan_command(flags)
     assert asked[0]["cache"] is None
@@ -331,12 +337,9 @@ def test_tpu_compiler_refusing_a_step_is_a_plan_that_does_not_fit_and_is_cached(
 
 
 def test_a_cache_dir_that_cannot_be_written_is_an_error_before_compiling(test_variants, monkeypatch, tmp_path, capsys):
-    import types
     monkeypatch.setattr(plan, "plan", lambda *args, **kwargs: pytest.fail("compiled before the error"))
     (tmp_path / "a_file").write_text("")
-    flags = types.SimpleNamespace(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None,
-                                  find_batch=False, suggest=True, mfu=0.4, max_batch=None,
-                                  cache_dir=str(tmp_path / "a_file" / "plans"))
+    flags = command_flags(cache_dir=str(tmp_path / "a_file" / "plans"))
     with pytest.raises(cli.CommandError, match=r"a_file/plans cannot hold the plan cache \(NotADirectoryError.*"
                        r"or --cache_dir= to keep nothing"):
         plan._plan_command(flags)
@@ -346,11 +349,9 @@ def test_a_cache_dir_that_cannot_be_written_is_an_error_before_compiling(test_va
 def test_find_batch_without_a_memory_limit_is_an_error_before_compiling(test_variants, monkeypatch, capsys):
     """Devices that report no memory limit (some GPUs): --find_batch cannot search, so it says so and
     names --hbm_gib, before any compile; with --hbm_gib it has a capacity to search against."""
-    import types
     monkeypatch.setattr(plan, "capacity_and_peak", lambda *args: (None, None))
     monkeypatch.setattr(plan, "plan", lambda *args, **kwargs: pytest.fail("compiled before the error"))
-    flags = types.SimpleNamespace(config=tiny_vit(), topology="local", num_classes=None, hbm_gib=None,
-                                  find_batch=True, suggest=True, mfu=0.4, max_batch=None)
+    flags = command_flags(find_batch=True)
     with pytest.raises(cli.CommandError, match="--find_batch needs the memory per device.*--hbm_gib"):
         plan._plan_command(flags)
     assert capsys.readouterr().out == ""
